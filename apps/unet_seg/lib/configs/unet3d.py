@@ -1,0 +1,80 @@
+"""UNet3D recipe card (NVIDIA UNet_3D_Medical: 3D U-Net with the No New-Net changes).
+
+Defaults fit the embedded sample (MSD hippocampus: one T1 channel, labels anterior/posterior).
+Conf keys (plain or prefixed ``unet3d.``):
+
+* ``labels``        label names, values 1..N in order (default ``anterior,posterior``)
+* ``modalities``    channel count or names, e.g. ``4`` or ``flair,t1,t1c,t2`` (default ``1``)
+* ``roi_size``      training crop and inference window (default ``128``; multiples of 2^(levels-1))
+* ``preset``        network size: ``full`` (32->320 filters, 5 levels), ``small``, ``tiny``
+* ``orientation``   axcodes images are reoriented to (default ``RAS``; ``none`` keeps the file's)
+* ``pretrained``    a local checkpoint served until the model is trained here
+* ``max_epochs``, ``learning_rate``, ``train_batch_size``  training defaults
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+
+from ..conf import AppConf, parse_int
+from ..infers.unet3d import UNet3DInfer
+from ..networks import UNet3DSpec
+from ..trainers.unet3d import UNet3DTrain
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LABELS = "anterior,posterior"
+
+
+def parse_modalities(value: Any) -> list[str]:
+    """``"4"`` -> 4 unnamed channels; ``"flair,t1"`` -> named channels."""
+    text = str(value).strip()
+    if text.isdigit():
+        return [f"channel{i}" for i in range(parse_int(text, "modalities", minimum=1))]
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ValueError("modalities: give a channel count or comma-separated names")
+    return names
+
+
+class UNet3D(TaskConfig):
+    """TaskConfig registering the UNet3D inferer and trainer."""
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        c = AppConf(conf)
+        self.labels = c.labels(DEFAULT_LABELS, model=name)
+        self.modalities = parse_modalities(c.get("modalities", "1", model=name))
+        self.preset = c.str("preset", "full", model=name)
+        self.spec = UNet3DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1)
+        self.roi_size = c.size("roi_size", "128", 3, model=name)
+        bad = [s for s in self.roi_size if s % self.spec.divisor]
+        if bad:
+            raise ValueError(f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} for preset {self.preset!r}")
+        orientation = c.str("orientation", "RAS", model=name)
+        self.orientation = None if orientation.lower() in ("none", "") else orientation
+        self.pretrained = c.get("pretrained", None, model=name) or None
+        self.tracking = c.str("tracking", "mlflow", model=name)
+        self.train_defaults = {
+            "max_epochs": c.int("max_epochs", 50, model=name, minimum=1),
+            "learning_rate": c.float("learning_rate", 2e-4, model=name),
+            "train_batch_size": c.int("train_batch_size", 2, model=name, minimum=1),
+        }
+        self.cache_mb = c.int("cache_mb", 2048, model=name, minimum=0)
+
+    def _common(self) -> dict[str, Any]:
+        return {"model_name": self.name, "model_dir": self.model_dir, "labels": self.labels,
+                "pretrained_path": self.pretrained, "modality_names": self.modalities, "orientation": self.orientation}
+
+    def infer(self) -> UNet3DInfer:
+        return UNet3DInfer(in_channels=len(self.modalities), roi_size=self.roi_size,
+                           description=f"3D U-Net (No New-Net, preset {self.preset}) for {', '.join(self.labels)}",
+                           **self._common())
+
+    def trainer(self) -> UNet3DTrain:
+        return UNet3DTrain(spec=self.spec, roi_size=self.roi_size, tracking=self.tracking, cache_mb=self.cache_mb,
+                           description=f"Train 3D U-Net (preset {self.preset})", config=self.train_defaults,
+                           **self._common())

@@ -1,0 +1,1 @@
+"""Inferers: a shared BasicInferTask base plus one small file per model."""

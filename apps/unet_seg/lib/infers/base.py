@@ -1,0 +1,215 @@
+"""Inferer base shared by every model: honest readiness, the shared engine, original geometry out.
+
+* ``is_valid()`` is True only when a published (or configured pretrained) checkpoint exists
+  whose meta matches the model's labels and channels; otherwise ``not_ready_reason()`` says
+  why, /info lists the model under ``models_not_ready`` and /infer answers 409.
+* The network is rebuilt from the checkpoint's meta and reloaded when the file changes
+  (a retrain publishes a new version; the next request serves it).
+* Inference goes through ``lib.inference.predict_probabilities`` (sliding window, Gaussian
+  blending, ``tta`` flips, ``amp``), then argmax, then MONAI's inverse of the invertible
+  pre-transforms so the label has the request image's exact shape and affine, with values
+  1..N in the order of the label names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from ..checkpoints import incompatibility, read_checkpoint
+from ..conf import parse_bool, parse_float, parse_int, parse_size
+from ..inference import predict_probabilities
+from ..runtime import resolve_amp, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNotReady(RuntimeError):
+    """The model has no usable trained weights; the message says why and what to do."""
+
+
+class SegInferTask(BasicInferTask):
+    """Shared segmentation inferer (see module docstring)."""
+
+    def __init__(self, *, model_name: str, model_dir: str, labels: Mapping[str, int], spatial_dims: int,
+                 in_channels: int, roi_size: Sequence[int], description: str,
+                 pretrained_path: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+        self.model_name = model_name
+        self.published_path = os.path.join(model_dir, f"{model_name}.pt")
+        self.pretrained_path = pretrained_path
+        self.in_channels = in_channels
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[tuple[str, float], torch.nn.Module, dict]] = {}
+        cfg = {"tta": False, "overlap": 0.5, "amp": True, "sw_batch_size": 1, "device": "auto"}
+        cfg.update(config or {})
+        super().__init__(
+            path=[p for p in (pretrained_path, self.published_path) if p],
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=dict(labels),
+            dimension=spatial_dims,
+            description=description,
+            config=cfg,
+            roi_size=tuple(roi_size),
+        )
+
+    # ---- readiness --------------------------------------------------------------------------
+    def expected_meta(self) -> dict[str, Any]:
+        """What a checkpoint must match to be served."""
+        return {"model": self.model_name, "labels": dict(self.labels), "in_channels": self.in_channels, "spatial_dims": self.dimension}
+
+    def _candidate(self) -> tuple[str | None, dict, str | None]:
+        """(path, meta, reason): the newest usable checkpoint, or the reason none is usable."""
+        reasons = []
+        for path in (self.published_path, self.pretrained_path):
+            if not path:
+                continue
+            if not os.path.exists(path):
+                reasons.append(f"{os.path.basename(path)} does not exist")
+                continue
+            try:
+                _, meta = read_checkpoint(path)
+            except Exception as e:
+                reasons.append(f"{path} cannot be read ({e})")
+                continue
+            reason = incompatibility(meta, self.expected_meta())
+            if reason is None:
+                return path, meta, None
+            reasons.append(f"{path}: {reason}")
+        return None, {}, "; ".join(reasons) or "no checkpoint configured"
+
+    def is_valid(self) -> bool:
+        return self._candidate()[0] is not None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the model cannot serve, or None when it can."""
+        path, _, reason = self._candidate()
+        if path:
+            return None
+        return (f"model '{self.model_name}' has no trained weights ({reason}); train it with "
+                f"POST /train/{self.model_name} or start the server with --conf {self.model_name}.pretrained <file>")
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        path, meta, _ = self._candidate()
+        out["ready"] = path is not None
+        if path:
+            out["version"] = {k: meta.get(k) for k in ("version", "published_at", "epoch", "val_mean_dice", "val_dice_per_class")}
+            out["version"]["source"] = "trained" if path == self.published_path else "pretrained"
+        else:
+            out["not_ready_reason"] = self.not_ready_reason()
+        return out
+
+    # ---- network ----------------------------------------------------------------------------
+    @abstractmethod
+    def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
+        """Rebuild the network from a checkpoint's meta."""
+
+    def load_network(self, device: torch.device) -> tuple[torch.nn.Module, dict]:
+        """The served network on ``device`` (reloaded when the checkpoint file changes)."""
+        path, meta, _ = self._candidate()
+        if not path:
+            raise ModelNotReady(self.not_ready_reason())
+        key = (path, os.stat(path).st_mtime)
+        with self._lock:
+            cached = self._loaded.get(str(device))
+            if cached and cached[0] == key:
+                return cached[1], cached[2]
+            state, meta = read_checkpoint(path)
+            net = self.build_network(meta)
+            net.load_state_dict(state, strict=True)
+            net.to(device).eval()
+            self._loaded[str(device)] = (key, net, meta)
+            logger.info(f"{self.model_name}: loaded {path} (version {meta.get('version')}) on {device}")
+            return net, meta
+
+    def clear_cache(self) -> None:
+        self._loaded.clear()
+
+    # ---- running ----------------------------------------------------------------------------
+    def __call__(self, request: dict, callbacks: Any = None) -> tuple[Any, dict]:
+        if not self.is_valid():
+            raise ModelNotReady(self.not_ready_reason())
+        request = dict(request)
+        request["device"] = resolve_device(request.get("device")).type
+        label, result = super().__call__(request, callbacks)
+        return label, result
+
+    def inferer(self, data: Any = None) -> Any:
+        raise NotImplementedError("SegInferTask runs the shared engine in run_inferer")
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+        dev = torch.device(device)
+        net, meta = self.load_network(dev)
+        roi = parse_size(meta.get("roi_size") or self.roi_size, self.dimension, "roi_size")
+        if data.get("roi_size"):
+            roi = parse_size(data["roi_size"], self.dimension, "roi_size")
+        tta = parse_bool(data.get("tta", False), "tta")
+        policy = resolve_amp(data.get("amp", True), dev)
+        image = data[self.input_key]
+        probs = predict_probabilities(
+            net, torch.as_tensor(image)[None], roi,
+            overlap=parse_float(data.get("overlap", 0.5), "overlap"),
+            blend=str(data.get("blend", "gaussian")),
+            sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
+            tta=tta, amp=policy, device=dev,
+        )
+        label = torch.argmax(probs, dim=1).to(torch.uint8 if len(self.labels) < 255 else torch.int16).cpu()
+        if isinstance(image, MetaTensor):
+            label = MetaTensor(label, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        data[self.output_label_key] = label
+        data["_infer_info"] = {"tta": tta, "amp": policy.describe(), "roi_size": list(roi), "model_version": meta.get("version")}
+        return data
+
+    def run_pre_transforms(self, data: dict[str, Any], transforms: Sequence[Any]) -> dict[str, Any]:
+        out = super().run_pre_transforms(data, transforms)
+        out["_pre_transforms"] = list(transforms)  # the same instances must invert what they did
+        return out
+
+    def post_transforms(self, data: Any = None) -> Sequence[Any]:
+        return [RestoreGeometry(self)]
+
+    def writer(self, data: dict[str, Any], extension: str | None = None, dtype: str | None = None) -> tuple[Any, dict]:
+        if not data.get("result_extension"):
+            path = data.get("image_path")
+            ext = ".nii.gz"
+            if isinstance(path, str) and path.endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")):
+                ext = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+            data["result_extension"] = ext
+        data.setdefault("result_dtype", "uint8" if len(self.labels) < 255 else "int16")
+        label_file, result = super().writer(data, extension, dtype)
+        result = dict(result or {})
+        result.update(data.get("_infer_info", {}))
+        result["label_values"] = dict(self.labels)
+        return label_file, result
+
+
+class RestoreGeometry:
+    """Post-transform: invert the pre-transforms so the label has the request image's grid."""
+
+    def __init__(self, task: SegInferTask) -> None:
+        self.task = task
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        key = self.task.output_label_key
+        label = data[key]
+        if isinstance(label, MetaTensor) and label.applied_operations:
+            inverted = Invertd(keys=key, transform=Compose(data["_pre_transforms"]), orig_keys=self.task.input_key, nearest_interp=True,
+                               to_tensor=True)(data)
+            label = inverted[key]
+        if isinstance(label, MetaTensor):
+            out = MetaTensor(label[0].as_tensor().round().to(torch.int16), affine=label.affine)
+        else:
+            out = torch.as_tensor(label)[0]
+        data[key] = out
+        return data

@@ -1,0 +1,1 @@
+"""Trainers: a shared BasicTrainTask base plus one small file per model."""

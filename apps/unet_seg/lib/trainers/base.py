@@ -1,0 +1,466 @@
+"""Trainer base shared by every model: AMP, distributed training, stable split, tracking, metrics.
+
+A model's trainer subclasses ``SegTrainTask`` and supplies only what differs: the network,
+loss, optimizer and training transforms. Everything else lives here:
+
+* AMP per request (``amp``: true/false/fp16/bf16, see ``lib.runtime``) in training AND
+  validation; fp16 on CUDA uses a gradient scaler.
+* ``world_size`` > 1 spawns that many processes: NCCL on CUDA (one GPU each), gloo on CPU.
+  ``multi_gpu`` with the default world size uses every visible GPU.
+* A train/validation split persisted as ``<model_dir>/<model>_split.json``; retraining keeps
+  the validation cases and sends new labels to training (``resplit: true`` starts over).
+* ``dataset: auto`` caches the deterministic part of the pipeline only when the estimated
+  decoded size fits ``cache_mb``, otherwise streams from disk.
+* MLflow tracking on ``sqlite:///<model_dir>/mlruns.db`` (works offline), or ``tracking: none``.
+* Per-class validation Dice (``val_dice_<label>``) in the train stats, and the best model
+  published atomically with a meta block (``lib.checkpoints``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import socket
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed
+from ignite.engine import Engine, Events
+from monai.engines import IterationEvents
+from monai.handlers import MeanDice, from_engine
+from monai.inferers import Inferer
+from monai.transforms import AsDiscreted
+from monai.utils import CommonKeys as Keys
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from ..checkpoints import incompatibility, now_iso, read_checkpoint, write_checkpoint_atomic
+from ..conf import ConfError, parse_bool, parse_float, parse_int
+from ..inference import predict_probabilities
+from ..runtime import AmpPolicy, resolve_amp, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (for the distributed rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def case_id(item: Mapping[str, Any]) -> str:
+    """Stable identifier of a datalist item: the image file name (first file for multi-file images)."""
+    image = item["image"]
+    first = image[0] if isinstance(image, (list, tuple)) else image
+    return os.path.basename(str(first))
+
+
+def stable_split(datalist: Sequence[dict], path: str, val_split: float, seed: int = 0,
+                 resplit: bool = False) -> tuple[list[dict], list[dict]]:
+    """Train/validation split persisted in ``path`` and kept across retrains.
+
+    Validation cases recorded earlier stay in validation while they still have labels; every
+    other labelled case goes to training. A new split (seeded) is drawn only on the first
+    run, when ``resplit`` is asked, or when no recorded validation case is left.
+    """
+    by_id = {case_id(d): d for d in datalist}
+    stored: dict[str, Any] = {}
+    if os.path.exists(path) and not resplit:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    val_ids = [i for i in stored.get("validation", []) if i in by_id]
+    if not val_ids:
+        n = len(by_id)
+        n_val = 0
+        if val_split > 0 and n >= 2:
+            n_val = min(max(1, int(round(n * val_split))), n - 1)
+        val_ids = sorted(random.Random(seed).sample(sorted(by_id), n_val))
+    train_ids = sorted(i for i in by_id if i not in set(val_ids))
+    record = {"validation": val_ids, "training": train_ids, "val_split": val_split, "seed": seed, "updated": now_iso()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def estimated_bytes(datalist: Sequence[dict]) -> int:
+    """Decoded float32 size of the images and labels in a datalist, from file headers only."""
+    total = 0
+    for item in datalist:
+        for key in ("image", "label"):
+            paths = item.get(key)
+            for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+                if not p:
+                    continue
+                try:
+                    total += int(np.prod(nib.load(str(p)).shape)) * 4
+                except Exception:
+                    total += os.path.getsize(p) * 8  # unknown format: assume ~8x compression
+    return total
+
+
+class EngineInferer(Inferer):
+    """Validation inferer: the shared sliding-window engine under the request's AMP policy."""
+
+    def __init__(self, roi_size: Sequence[int], amp: AmpPolicy, overlap: float = 0.5) -> None:
+        super().__init__()
+        self.roi_size = tuple(roi_size)
+        self.amp = amp
+        self.overlap = overlap
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return predict_probabilities(network, inputs, self.roi_size, overlap=self.overlap, amp=self.amp, device=inputs.device)
+
+
+class PublishModel:
+    """After each epoch: publish the best checkpoint atomically with meta, enrich the stats file."""
+
+    def __init__(self, task: "SegTrainTask", context: Context) -> None:
+        self.task = task
+        self.context = context
+        self.last_seen: tuple[float, int] | None = None
+
+    def __call__(self, engine: Engine) -> None:
+        ctx, task = self.context, self.task
+        src = os.path.join(ctx.output_dir, task._key_metric_filename)
+        metrics = dict(ctx.evaluator.state.metrics) if ctx.evaluator else {}
+        per_class = {name: _as_float(metrics.get(f"val_dice_{name}")) for name in task.labels}
+        val_mean = _as_float(metrics.get(task.VAL_METRIC_MEAN_DICE))
+        if os.path.exists(src):
+            st = os.stat(src)
+            if self.last_seen != (st.st_mtime, st.st_size):
+                self.last_seen = (st.st_mtime, st.st_size)
+                state, _ = read_checkpoint(src)
+                meta = dict(task.expected_meta())
+                meta.update({
+                    "spec": task.network_spec(ctx),
+                    "roi_size": list(task.roi_size(ctx)),
+                    "run_id": ctx.run_id,
+                    "epoch": int(ctx.trainer.state.epoch),
+                    "val_mean_dice": val_mean,
+                    "val_dice_per_class": per_class,
+                    "amp": task.amp_policy(ctx).describe(),
+                    "world_size": max(ctx.world_size, 1),
+                    "published_at": now_iso(),
+                    "version": f"{ctx.run_id}-e{int(ctx.trainer.state.epoch)}",
+                })
+                meta.update(task.extra_meta(ctx))
+                write_checkpoint_atomic(task.published_path, state, meta)
+                logger.info(f"Published {task.published_path} (epoch {meta['epoch']}, val mean Dice {val_mean})")
+        stats = task.stats()
+        stats.update({
+            "model": task.model_name,
+            "val_dice_per_class": per_class,
+            "val_mean_dice": val_mean,
+            "amp": task.amp_policy(ctx).describe(),
+            "world_size": max(ctx.world_size, 1),
+            "train_cases": len(ctx.train_datalist or []),
+            "val_cases": len(ctx.val_datalist or []),
+            "max_epochs": ctx.max_epochs,
+        })
+        if os.path.exists(task.published_path):
+            _, pmeta = read_checkpoint(task.published_path)
+            stats["published"] = {k: pmeta.get(k) for k in ("version", "published_at", "epoch", "val_mean_dice", "run_id")}
+        tmp = f"{task._stats_path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2, default=str)
+        os.replace(tmp, task._stats_path)
+
+
+def _as_float(value: Any) -> float | None:
+    """Metric value as a plain float (None when missing or NaN)."""
+    if value is None:
+        return None
+    v = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return None if np.isnan(v) else v
+
+
+def _worker(rank: int, world_size: int, request: dict, datalist: list, task: "SegTrainTask") -> None:
+    """Entry point of each spawned training process."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)5s](%(name)s) - %(message)s", force=True)
+    if str(request.get("device", "cpu")).startswith("cpu"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    task.train(rank, world_size, request, datalist)
+
+
+class SegTrainTask(BasicTrainTask):
+    """Shared segmentation trainer (see module docstring). Subclasses define the recipe."""
+
+    def __init__(self, *, model_name: str, model_dir: str, labels: Mapping[str, int], spatial_dims: int,
+                 in_channels: int, description: str, pretrained_path: str | None = None,
+                 tracking: str = "mlflow", config: Mapping[str, Any] | None = None, cache_mb: int = 2048) -> None:
+        self.model_name = model_name
+        self.labels = dict(labels)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.published_path = os.path.join(model_dir, f"{model_name}.pt")
+        self.split_path = os.path.join(model_dir, f"{model_name}_split.json")
+        self.pretrained_path = pretrained_path
+        self.cache_mb = cache_mb
+        tracking = (tracking or "none").lower()
+        defaults: dict[str, Any] = {
+            "name": f"train_{model_name}",
+            "device": "auto",
+            "amp": True,
+            "world_size": 1,
+            "multi_gpu": False,
+            "max_epochs": 50,
+            "val_split": 0.2,
+            "split_seed": 0,
+            "resplit": False,
+            "train_batch_size": 2,
+            "val_batch_size": 1,
+            "learning_rate": 2e-4,
+            "grad_clip": 0.0,
+            "dataset": "auto",
+            "dataloader": "ThreadDataLoader",
+            "tracking": tracking if tracking in ("mlflow", "none") else "none",
+            "tracking_uri": f"sqlite:///{os.path.abspath(os.path.join(model_dir, 'mlruns.db'))}",
+            "early_stop_patience": -1,
+            "pretrained": True,
+        }
+        defaults.update(config or {})
+        super().__init__(
+            model_dir=model_dir,
+            description=description,
+            config=defaults,
+            amp=False,  # AMP is handled per request by our own iteration and inferer
+            publish_path=None,
+            stats_path=os.path.join(model_dir, f"{model_name}_train_stats.json"),
+            labels=list(self.labels),
+            tracking=defaults["tracking"],
+            tracking_uri=defaults["tracking_uri"],
+            train_save_interval=1000000,
+            n_saved=1,
+        )
+
+    # ---- what a model defines -------------------------------------------------------------
+    @abstractmethod
+    def network_spec(self, context: Context) -> dict[str, Any]:
+        """JSON spec from which the network is rebuilt (stored in the published meta)."""
+
+    @abstractmethod
+    def roi_size(self, context: Context) -> tuple[int, ...]:
+        """Training crop / inference window size."""
+
+    def extra_meta(self, context: Context) -> dict[str, Any]:
+        """Model-specific meta to publish (e.g. normalisation)."""
+        return {}
+
+    def expected_meta(self) -> dict[str, Any]:
+        """The meta fields a checkpoint must match to be loaded for this config."""
+        return {"model": self.model_name, "labels": self.labels, "in_channels": self.in_channels, "spatial_dims": self.spatial_dims}
+
+    # ---- request helpers --------------------------------------------------------------------
+    def amp_policy(self, context: Context) -> AmpPolicy:
+        """AMP policy for this request on this process's device."""
+        return resolve_amp(context.request.get("amp", True), context.device)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels: background + labels."""
+        return len(self.labels) + 1
+
+    # ---- training loop pieces ---------------------------------------------------------------
+    def train_iteration_update(self, context: Context) -> Callable[[Engine, Any], dict]:
+        """One optimisation step with the request's AMP policy, grad scaler and clipping."""
+        policy = self.amp_policy(context)
+        scaler = torch.amp.GradScaler("cuda") if policy.use_scaler else None
+        clip = parse_float(context.request.get("grad_clip", 0.0), "grad_clip")
+
+        def step(engine: Engine, batchdata: dict) -> dict:
+            batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+            inputs, targets = batch[0], batch[1]
+            engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+            engine.network.train()
+            engine.optimizer.zero_grad(set_to_none=True)
+            with policy.autocast():
+                pred = engine.inferer(inputs, engine.network)
+                loss = engine.loss_function(pred, targets).mean()
+            engine.state.output[Keys.PRED] = pred
+            engine.state.output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(engine.optimizer)
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(engine.network.parameters(), clip)
+                scaler.step(engine.optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(engine.network.parameters(), clip)
+                engine.optimizer.step()
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
+
+        return step
+
+    def val_inferer(self, context: Context) -> Inferer:
+        return EngineInferer(self.roi_size(context), self.amp_policy(context))
+
+    def train_post_transforms(self, context: Context) -> list:
+        k = self.num_classes
+        return [AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=(k, k))]
+
+    def val_additional_metrics(self, context: Context) -> dict[str, MeanDice]:
+        """One Dice per label name (channel i = label value i)."""
+        metrics = {}
+        for name, value in self.labels.items():
+            metrics[f"val_dice_{name}"] = MeanDice(output_transform=_channel_picker(value), include_background=True)
+        return metrics
+
+    def lr_scheduler_handler(self, context: Context) -> Any:
+        return None
+
+    def val_handlers(self, context: Context) -> list | None:
+        # only rank 0 logs; building MLflow handlers on every rank races on the sqlite db
+        return super().val_handlers(context) if context.local_rank == 0 else None
+
+    @staticmethod
+    def prepare_tracking(request: dict) -> None:
+        """Create the MLflow store once, before any worker process opens it."""
+        if str(request.get("tracking", "none")).lower() != "mlflow":
+            return
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or request.get("tracking_uri")
+        if uri:
+            import mlflow
+
+            mlflow.MlflowClient(tracking_uri=uri)
+
+    # ---- data -------------------------------------------------------------------------------
+    def pre_process(self, request: dict, datastore: Any) -> list[dict]:
+        datalist = datastore.datalist()
+        if not datalist:
+            raise ValueError(f"{self.model_name}: no labelled studies (labels/final) to train on")
+        val_split = parse_float(request.get("val_split", 0.2), "val_split")
+        if not 0.0 <= val_split < 1.0:
+            raise ConfError(f"val_split must be in [0, 1), got {val_split}")
+        train, val = stable_split(datalist, self.split_path, val_split,
+                                  seed=parse_int(request.get("split_seed", 0), "split_seed"),
+                                  resplit=parse_bool(request.get("resplit", False), "resplit"))
+        request["train_ds"], request["val_ds"] = train, val
+        return datalist
+
+    def partition_datalist(self, context: Context, shuffle: bool = False) -> tuple[list, list]:
+        train, val = context.request["train_ds"], context.request["val_ds"]
+        if context.local_rank == 0:
+            logger.info(f"Stable split ({self.split_path}): {len(train)} training, {len(val)} validation")
+        return train, val
+
+    def _dataset(self, context: Context, datalist: list, is_train: bool, replace_rate: float = 0.25) -> Any:
+        if context.dataset_type == "auto":
+            size_mb = estimated_bytes(datalist) / 2**20
+            context.dataset_type = "CacheDataset" if size_mb <= self.cache_mb else "Dataset"
+            logger.info(f"dataset=auto: ~{size_mb:.0f} MB decoded vs cache_mb={self.cache_mb} -> {context.dataset_type}")
+        return super()._dataset(context, datalist, is_train, replace_rate)
+
+    # ---- devices, distributed, checkpoints --------------------------------------------------
+    def __call__(self, request: dict, datastore: Any) -> dict:
+        req = copy.deepcopy(self._config)
+        req.update(copy.deepcopy(request))
+        req["run_id"] = datetime.now().strftime("%Y%m%d_%H%M%S")
+        for key in ("max_epochs", "train_batch_size", "val_batch_size"):
+            req[key] = parse_int(req[key], key, minimum=1)
+        device = resolve_device(req.get("device"))
+        req["device"] = device.type
+        world_size = parse_int(req.get("world_size", 1), "world_size", minimum=1)
+        if device.type == "cuda" and parse_bool(req.get("multi_gpu", False), "multi_gpu") and world_size == 1:
+            world_size = torch.cuda.device_count()
+        if device.type == "cuda" and world_size > torch.cuda.device_count():
+            raise ConfError(f"world_size={world_size} but only {torch.cuda.device_count()} GPU(s) are visible")
+        resolve_amp(req.get("amp", True), device)  # validate the value before spawning anything
+        datalist = self.pre_process(req, datastore)
+        self.prepare_tracking(req)
+        start = time.time()
+        if world_size > 1:
+            req["multi_gpu"] = True
+            req["distributed_backend"] = "nccl" if device.type == "cuda" else "gloo"
+            req["distributed_url"] = f"tcp://127.0.0.1:{free_port()}"
+            logger.info(f"Distributed training: {world_size} processes, backend {req['distributed_backend']}")
+            torch.multiprocessing.spawn(_worker, nprocs=world_size, args=(world_size, req, datalist, self), join=True)
+            result = self.stats()
+        else:
+            req["multi_gpu"] = False
+            self.train(0, 1, req, datalist)
+            result = self.stats()
+        result["wall_time_s"] = round(time.time() - start, 1)
+        self.cleanup(req)
+        return result
+
+    def _device(self, context: Context) -> torch.device:
+        device = resolve_device(context.request.get("device"), rank=context.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        logger.info(f"{context.local_rank} - Using Device: {device}")
+        return device
+
+    def _create_network_and_optimizer(self, context: Context) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        network = self.network(context).to(context.device)
+        context.network = network
+        optimizer = self.optimizer(context)
+        if context.multi_gpu:
+            ids = [context.device.index] if context.device.type == "cuda" else None
+            network = torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, output_device=ids[0] if ids else None,
+                                                                find_unused_parameters=self._find_unused_parameters)
+        return network, optimizer
+
+    def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
+        """Fine-tune from the published model (or the configured pretrained file) when compatible."""
+        if not parse_bool(pretrained, "pretrained"):
+            return None
+        for path in (self.published_path, self.pretrained_path):
+            if path and os.path.exists(path):
+                try:
+                    _, meta = read_checkpoint(path)
+                except Exception as e:
+                    logger.warning(f"ignoring unreadable checkpoint {path}: {e}")
+                    continue
+                expected = dict(self.expected_meta())
+                reason = incompatibility(meta, expected)
+                if reason is None and meta.get("spec") != self._current_spec_for_load:
+                    reason = "network spec differs from the current config"
+                if reason is None:
+                    logger.info(f"Initialising from {path} (version {meta.get('version')})")
+                    return path
+                logger.info(f"Not initialising from {path}: {reason}")
+        return None
+
+    def _create_trainer(self, context: Context) -> Any:
+        self._current_spec_for_load = self.network_spec(context)
+        return super()._create_trainer(context)
+
+    def finalize(self, context: Context) -> None:
+        super().finalize(context)
+        if context.local_rank == 0:
+            engine = context.evaluator or context.trainer
+            engine.add_event_handler(Events.EPOCH_COMPLETED, PublishModel(self, context))
+
+    def stats(self) -> dict:
+        if os.path.exists(self._stats_path):
+            try:
+                with open(self._stats_path, encoding="utf-8") as f:
+                    return json.load(f)
+            except json.JSONDecodeError:
+                return {}
+        return {}
+
+
+def _channel_picker(channel: int) -> Callable[[Any], tuple[list, list]]:
+    """Output transform selecting one one-hot channel of pred and label."""
+    def pick(output: Any) -> tuple[list, list]:
+        preds, labels = from_engine(["pred", "label"])(output)
+        return [p[channel:channel + 1] for p in preds], [lab[channel:channel + 1] for lab in labels]
+    return pick

@@ -1,0 +1,170 @@
+"""Shared transform chains: loading with checks, normalisation and augmentation presets.
+
+Every model composes its pre-processing from these pieces so that training, validation, the
+server inferers and the CLI see identical inputs. Checks raise ``InputError`` naming the file
+and what was expected (channel count, dimensions, label values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+
+class InputError(ValueError):
+    """Bad user input (file, shape, channels, label values); the message names what was wrong."""
+
+
+def _source(data: Mapping[Hashable, Any], key: Hashable) -> str:
+    """Best description of where ``data[key]`` came from, for error messages."""
+    value = data.get(f"{key}_path") or data.get(key)
+    if isinstance(value, MetaTensor):
+        value = value.meta.get("filename_or_obj", "<in-memory>")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+class SafeLoadImaged(MapTransform):
+    """LoadImaged that turns unreadable/corrupt/truncated files into an ``InputError`` naming the file."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs: Any) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, image_only=True, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        try:
+            return self.loader(data)
+        except Exception as e:  # monai wraps reader errors in RuntimeError with a long trace
+            keys = [k for k in self.keys if k in data]
+            names = "; ".join(f"{k}={_source(data, k)}" for k in keys)
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise InputError(f"cannot read {names}: {type(root).__name__}: {root}") from e
+
+
+class CheckChannelsd(MapTransform):
+    """Require ``channels`` channels and ``spatial_dims`` spatial dims after EnsureChannelFirst."""
+
+    def __init__(self, keys: KeysCollection, channels: int, spatial_dims: int, modality_names: Sequence[str] | None = None) -> None:
+        super().__init__(keys)
+        self.channels = channels
+        self.spatial_dims = spatial_dims
+        self.modality_names = list(modality_names or [])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = tuple(d[key].shape)
+            if len(shape) != self.spatial_dims + 1:
+                raise InputError(
+                    f"{key} {_source(data, key)}: expected a {self.spatial_dims}D image "
+                    f"(optionally with a channel axis), got array of shape {shape[1:] if shape[0] == 1 else shape}"
+                )
+            if shape[0] != self.channels:
+                names = f" ({', '.join(self.modality_names)})" if self.modality_names else ""
+                raise InputError(
+                    f"{key} {_source(data, key)}: the model expects {self.channels} channel(s){names}, "
+                    f"got {shape[0]} (shape {shape})"
+                )
+        return d
+
+
+class CheckLabeld(MapTransform):
+    """Require a label of the image's spatial shape whose values are background or known label values.
+
+    Float labels with integer values are cast to integers (some MSD files are stored as float32).
+    """
+
+    def __init__(self, keys: KeysCollection, label_values: Sequence[int], image_key: str = "image") -> None:
+        super().__init__(keys)
+        self.allowed = {0, *[int(v) for v in label_values]}
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            arr = lab.array if isinstance(lab, MetaTensor) else np.asarray(lab)
+            if self.image_key in d and tuple(d[self.image_key].shape[1:]) != tuple(arr.shape[1:]):
+                raise InputError(
+                    f"label {_source(data, key)}: spatial shape {tuple(arr.shape[1:])} differs from "
+                    f"image shape {tuple(d[self.image_key].shape[1:])}"
+                )
+            if arr.shape[0] != 1:
+                raise InputError(f"label {_source(data, key)}: expected a single-channel label map, got shape {arr.shape}")
+            rounded = np.rint(arr)
+            if np.issubdtype(arr.dtype, np.floating) and not np.allclose(rounded, arr):
+                raise InputError(f"label {_source(data, key)}: label values must be integers")
+            values = set(np.unique(rounded).astype(int).tolist())
+            unknown = sorted(values - self.allowed)
+            if unknown:
+                raise InputError(
+                    f"label {_source(data, key)}: values {unknown} are not among the model's label values "
+                    f"{sorted(self.allowed)}"
+                )
+            out = torch.as_tensor(rounded.astype(np.int16))
+            d[key] = MetaTensor(out, meta=lab.meta) if isinstance(lab, MetaTensor) else out
+        return d
+
+
+def load_chain(keys: Sequence[str], channels: int, spatial_dims: int, label_values: Sequence[int] | None,
+               orientation: str | None = "RAS", modality_names: Sequence[str] | None = None) -> list:
+    """Load image (+label), channel-first, check channels/labels, optional reorientation."""
+    chain: list = [
+        SafeLoadImaged(keys=list(keys)),
+        EnsureChannelFirstd(keys=list(keys)),
+        CheckChannelsd(keys="image", channels=channels, spatial_dims=spatial_dims, modality_names=modality_names),
+    ]
+    if "label" in keys and label_values is not None:
+        chain.append(CheckLabeld(keys="label", label_values=label_values))
+    if orientation:
+        chain.append(Orientationd(keys=list(keys), axcodes=orientation, labels=None))
+    return chain
+
+
+def zscore_nonzero(keys: str = "image") -> list:
+    """Per-channel z-score over non-zero voxels (BraTS / No New-Net convention), float32."""
+    return [NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True), EnsureTyped(keys=keys, dtype=torch.float32)]
+
+
+def random_crop_foreground(roi_size: Sequence[int], num_samples: int, pos_fraction: float) -> list:
+    """Pad to the ROI, then random ROI crops centred on foreground with probability ``pos_fraction``."""
+    pos = max(pos_fraction, 0.0)
+    neg = max(1.0 - pos_fraction, 0.0)
+    return [
+        SpatialPadd(keys=["image", "label"], spatial_size=list(roi_size)),
+        RandCropByPosNegLabeld(
+            keys=["image", "label"], label_key="label", spatial_size=list(roi_size),
+            pos=pos, neg=neg, num_samples=num_samples, image_key="image", image_threshold=-1e9,
+            allow_smaller=True,
+        ),
+    ]
+
+
+def flips_and_brightness(spatial_dims: int, flip_prob: float = 0.5, intensity_prob: float = 0.15) -> list:
+    """Mirror flips on every axis plus brightness (scale) and shift augmentation."""
+    return [
+        *[RandFlipd(keys=["image", "label"], prob=flip_prob, spatial_axis=a) for a in range(spatial_dims)],
+        RandScaleIntensityd(keys="image", factors=0.3, prob=intensity_prob),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=intensity_prob),
+    ]

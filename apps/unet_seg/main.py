@@ -1,0 +1,95 @@
+"""unet_seg: the MONAI Label app serving the U-Net family (UNet3D; more configs plug in here).
+
+Start it with ``monailabel start_server --app apps/unet_seg --studies DIR [--conf k v ...]``.
+App-level conf keys (all parsed in ``lib/conf.py``):
+
+* ``models``     comma list of config names or ``all`` (default); unknown names stop start-up
+* ``model_dir``  where published models, splits, stats and the MLflow db live
+                 (default ``<app>/model``)
+* ``tracking``   ``mlflow`` (sqlite db in model_dir, works offline) or ``none``
+
+Model keys (``labels``, ``roi_size``, ``preset``, ``pretrained``, ...) are documented in each
+``lib/configs/<name>.py`` and may be prefixed with the model name (``unet3d.roi_size``).
+Nothing is downloaded at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.configs import CONFIG_NAMES, load_config_class
+from lib.conf import AppConf, ConfError, parse_names
+from lib.datastore import ValidatingDatastore
+from lib.infers.base import ModelNotReady
+from lib.transforms import InputError
+
+logger = logging.getLogger(__name__)
+
+
+class UNetSegApp(MONAILabelApp):
+    """MONAI Label app with one inferer and one trainer per selected U-Net config."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.app_conf = AppConf(conf)
+        self.model_dir = os.path.abspath(self.app_conf.str("model_dir", os.path.join(app_dir, "model")))
+        os.makedirs(self.model_dir, exist_ok=True)
+        self.model_names = parse_names(self.app_conf.get("models", "all"), CONFIG_NAMES, "models")
+        self.models = {}
+        for name in self.model_names:
+            cfg = load_config_class(name)()
+            cfg.init(name, self.model_dir, dict(conf), None)
+            self.models[name] = cfg
+        logger.info(f"unet_seg models: {self.model_names}; model_dir: {self.model_dir}")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="unet_seg",
+                         description="U-Net family (UNet3D) segmentation with training, TTA and active learning",
+                         version="0.1.0")
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return ValidatingDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {name: cfg.infer() for name, cfg in self.models.items()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {name: cfg.trainer() for name, cfg in self.models.items()}
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out["models_not_ready"] = {
+            name: task.info() for name, task in self._infers.items() if not task.is_valid()
+        }
+        out["model_dir"] = self.model_dir
+        return out
+
+    def infer(self, request: dict, datastore: Any = None) -> dict:
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}")
+        try:
+            return super().infer(request, datastore)
+        except ModelNotReady as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
+        except (InputError, ConfError) as e:
+            raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
+
+    def train(self, request: dict) -> dict:
+        model = request.get("model")
+        if model not in self._trainers:
+            raise ConfError(f"unknown model {model!r}; trainable models: {', '.join(self._trainers)}")
+        return super().train(request)
