@@ -1,0 +1,97 @@
+"""Train a unet_seg model on an MSD-style dataset (dataset.json + imagesTr/labelsTr) without a server.
+
+It lays the dataset out as a MONAI Label studies folder (symlinks: images + labels/final) and
+runs the app's own trainer exactly as ``POST /train/<model>`` does, then prints the per-class
+validation Dice of the published model. Used to make the embedded sample model and to report
+real training runs, e.g.::
+
+    .venv/bin/python scripts/train_msd.py --data ../shared/data/hippocampus --out runs/hippo \\
+        --preset small --roi 40,56,40 --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP_DIR = os.path.join(ROOT, "apps", "unet_seg")
+
+
+def build_studies(data: str, studies: str, limit: int | None, seed: int) -> int:
+    """Symlink the MSD training cases into a MONAI Label studies layout; returns the case count."""
+    with open(os.path.join(data, "dataset.json"), encoding="utf-8") as f:
+        ds = json.load(f)
+    items = list(ds["training"])
+    if limit:
+        items = random.Random(seed).sample(items, min(limit, len(items)))
+    os.makedirs(os.path.join(studies, "labels", "final"), exist_ok=True)
+    for item in items:
+        img = os.path.abspath(os.path.join(data, item["image"]))
+        lab = os.path.abspath(os.path.join(data, item["label"]))
+        name = os.path.basename(img)
+        for src, dst in ((img, os.path.join(studies, name)), (lab, os.path.join(studies, "labels", "final", name))):
+            if not os.path.lexists(dst):
+                os.symlink(src, dst)
+    return len(items)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="MSD-style folder with dataset.json")
+    p.add_argument("--out", required=True, help="output folder (studies/ and model/ are created inside)")
+    p.add_argument("--model", default="unet3d")
+    p.add_argument("--labels", default=None, help="label names (default: dataset.json labels)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--roi", default="40,56,40")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--val_split", type=float, default=0.2)
+    p.add_argument("--limit", type=int, default=None, help="use only this many cases (random, seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--amp", default="true")
+    p.add_argument("--tracking", default="none")
+    args = p.parse_args()
+
+    with open(os.path.join(args.data, "dataset.json"), encoding="utf-8") as f:
+        ds_labels = json.load(f).get("labels", {})
+    labels = args.labels or ",".join(v.lower() for k, v in sorted(ds_labels.items(), key=lambda kv: int(kv[0])) if int(k) != 0)
+    studies = os.path.join(args.out, "studies")
+    n = build_studies(args.data, studies, args.limit, args.seed)
+    os.environ.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
+    sys.path.insert(0, APP_DIR)
+    from main import UNetSegApp  # noqa: E402  (the app's own module)
+
+    conf = {"models": args.model, "model_dir": os.path.join(args.out, "model"), "labels": labels,
+            "preset": args.preset, "roi_size": args.roi, "tracking": args.tracking}
+    app = UNetSegApp(APP_DIR, studies, conf)
+    start = time.time()
+    stats = app.train({"model": args.model, "max_epochs": args.epochs, "train_batch_size": args.batch,
+                       "learning_rate": args.lr, "val_split": args.val_split, "split_seed": args.seed,
+                       "world_size": args.world_size, "amp": args.amp})
+    wall = time.time() - start
+    summary = {
+        "cases": n, "train_cases": stats.get("train_cases"), "val_cases": stats.get("val_cases"),
+        "epochs": args.epochs, "preset": args.preset, "roi": args.roi, "wall_time_s": round(wall, 1),
+        "best_val_mean_dice": stats.get("published", {}).get("val_mean_dice"),
+        "best_epoch": stats.get("published", {}).get("epoch"),
+        "last_epoch_val_dice_per_class": stats.get("val_dice_per_class"),
+        "published_model": os.path.join(args.out, "model", f"{args.model}.pt"),
+    }
+    import torch  # noqa: E402
+
+    meta = torch.load(summary["published_model"], map_location="cpu", weights_only=True)["meta"]
+    summary["best_val_dice_per_class"] = meta.get("val_dice_per_class")
+    print(json.dumps(summary, indent=2))
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
