@@ -1,0 +1,96 @@
+"""Training paths run in-process through the real app class: 2-process CPU DDP (gloo), AMP, retraining."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import APP_DIR, ROOT, free_port, make_studies
+
+
+def make_app(tmp_path: Path, labelled: list[int], unlabelled: list[int] | None = None, **conf: str):
+    from main import UNetSegApp
+
+    studies = make_studies(tmp_path / "studies", labelled, unlabelled or [])
+    base = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "none", "model_dir": str(tmp_path / "model")}
+    base.update(conf)
+    return UNetSegApp(str(APP_DIR), str(studies), base)
+
+
+def published_meta(app) -> dict:
+    return torch.load(Path(app.model_dir) / "unet3d.pt", map_location="cpu", weights_only=True)["meta"]
+
+
+def test_two_process_cpu_training_gloo(tmp_path: Path, require_data: None) -> None:
+    app = make_app(tmp_path, [3, 4, 1, 6])
+    stats = app.train({"model": "unet3d", "max_epochs": 2, "world_size": 2, "val_split": 0.25, "train_batch_size": 1})
+    assert stats["world_size"] == 2 and stats["epoch"] == 2
+    meta = published_meta(app)
+    assert meta["world_size"] == 2 and meta["labels"] == {"anterior": 1, "posterior": 2}
+    # the published DDP model has plain (unwrapped) keys and serves
+    state = torch.load(Path(app.model_dir) / "unet3d.pt", map_location="cpu", weights_only=True)["model"]
+    assert not any(k.startswith("module.") for k in state)
+    res = app.infer({"model": "unet3d", "image": "hippocampus_003"})
+    seg = nib.load(res["file"])
+    assert seg.shape == nib.load(tmp_path / "studies" / "hippocampus_003.nii.gz").shape
+
+
+def test_amp_bf16_path_runs_on_cpu(tmp_path: Path, require_data: None) -> None:
+    app = make_app(tmp_path, [3, 4])
+    stats = app.train({"model": "unet3d", "max_epochs": 1, "amp": "bf16", "val_split": 0.5, "train_batch_size": 1, "num_samples": 1})
+    assert stats["amp"] == "bfloat16"
+    assert stats["val_dice_per_class"].keys() == {"anterior", "posterior"}
+    res = app.infer({"model": "unet3d", "image": "hippocampus_004", "amp": "bf16", "output": "json"})
+    assert res["params"]["amp"] == "bfloat16"
+    # amp=true on a CPU without native bf16 falls back to fp32 and says so in the stats
+    stats = app.train({"model": "unet3d", "max_epochs": 1, "amp": True, "val_split": 0.5, "train_batch_size": 1})
+    from lib.runtime import cpu_has_native_bf16
+
+    assert stats["amp"] == ("bfloat16" if cpu_has_native_bf16() else "fp32")
+
+
+def test_retrain_keeps_split_and_serves_newer_model(tmp_path: Path, require_data: None) -> None:
+    app = make_app(tmp_path, [3, 4, 1, 6], [8])
+    app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.25})
+    split1 = json.loads((Path(app.model_dir) / "unet3d_split.json").read_text())
+    v1 = published_meta(app)["version"]
+    # a new final label arrives (as PUT /datastore/label would store it)
+    lab = Path(tmp_path / "studies" / "labels" / "final")
+    from conftest import hippo_case
+
+    app.datastore().save_label("hippocampus_008", str(hippo_case(8)[1]), "final", {})
+    assert (lab / "hippocampus_008.nii.gz").exists()
+    import time
+
+    time.sleep(1.1)  # run ids have one-second resolution
+    stats = app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.25})
+    split2 = json.loads((Path(app.model_dir) / "unet3d_split.json").read_text())
+    assert split2["validation"] == split1["validation"]
+    assert "hippocampus_008.nii.gz" in split2["training"] and stats["train_cases"] == 4
+    v2 = published_meta(app)["version"]
+    assert v2 != v1
+    assert app.info()["models"]["unet3d"]["version"]["version"] == v2
+
+
+def test_empty_datastore_training_fails_clearly(tmp_path: Path, require_data: None) -> None:
+    app = make_app(tmp_path, [], [3])
+    with pytest.raises(ValueError, match="no labelled studies"):
+        app.train({"model": "unet3d", "max_epochs": 1})
+
+
+def test_unknown_model_name_stops_server_start(tmp_path: Path, require_data: None) -> None:
+    studies = make_studies(tmp_path / "studies", [3], [])
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+           "--host", "127.0.0.1", "--port", str(free_port()), "--conf", "models", "unet3d,unet9d",
+           "--conf", "model_dir", str(tmp_path / "model")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=str(ROOT))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "unet9d" in out and "valid names are: unet3d" in out
