@@ -15,6 +15,7 @@ Conf keys (plain or prefixed ``unet3d.``):
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
@@ -56,7 +57,10 @@ class UNet3D(TaskConfig):
             raise ValueError(f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} for preset {self.preset!r}")
         orientation = c.str("orientation", "RAS", model=name)
         self.orientation = None if orientation.lower() in ("none", "") else orientation
-        self.pretrained = c.get("pretrained", None, model=name) or None
+        pretrained = c.get("pretrained", None, model=name)
+        self.pretrained = os.path.abspath(pretrained) if pretrained else None
+        if self.pretrained and not os.path.exists(self.pretrained):
+            logger.warning(f"{name}.pretrained {self.pretrained} does not exist; the model stays not ready until trained")
         self.tracking = c.str("tracking", "mlflow", model=name)
         self.train_defaults = {
             "max_epochs": c.int("max_epochs", 50, model=name, minimum=1),
