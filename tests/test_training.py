@@ -94,3 +94,14 @@ def test_unknown_model_name_stops_server_start(tmp_path: Path, require_data: Non
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "unet9d" in out and "valid names are: unet3d" in out
+
+
+def test_bad_label_in_datastore_fails_training_with_named_file(tmp_path: Path, require_data: None) -> None:
+    app = make_app(tmp_path, [3, 4])
+    lab = tmp_path / "studies" / "labels" / "final" / "hippocampus_004.nii.gz"
+    img = nib.load(lab)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.uint8) * 3, img.affine), lab)  # values 3, 6
+    from lib.transforms import InputError
+
+    with pytest.raises(InputError, match=r"hippocampus_004.*values \[3, 6\]"):
+        app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.5})

@@ -49,7 +49,10 @@ class UNetSegApp(MONAILabelApp):
             cfg.init(name, self.model_dir, dict(conf), None)
             self.models[name] = cfg
         logger.info(f"unet_seg models: {self.model_names}; model_dir: {self.model_dir}")
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="unet_seg",
+        labels: list[str] = []  # union of the models' label names, so viewers see them before training
+        for cfg in self.models.values():
+            labels += [name for name in cfg.labels if name not in labels]
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="unet_seg", labels=labels,
                          description="U-Net family (UNet3D) segmentation with training, TTA and active learning",
                          version="0.1.0")
 

@@ -46,6 +46,7 @@ from ..checkpoints import incompatibility, now_iso, read_checkpoint, write_check
 from ..conf import ConfError, parse_bool, parse_float, parse_int
 from ..inference import predict_probabilities
 from ..runtime import AmpPolicy, resolve_amp, resolve_device
+from ..transforms import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,19 @@ def _as_float(value: Any) -> float | None:
         return None
     v = float(value.item() if isinstance(value, torch.Tensor) else value)
     return None if np.isnan(v) else v
+
+
+def _input_error_in(exc: BaseException) -> InputError | None:
+    """The InputError at the root of an exception chain (MONAI wraps transform errors), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "InputError" in text:  # raised in a spawned worker: only the text crosses the process boundary
+        return InputError(text.strip().splitlines()[-1].split("InputError:", 1)[-1].strip())
+    return None
 
 
 def _worker(rank: int, world_size: int, request: dict, datalist: list, task: "SegTrainTask") -> None:
@@ -385,6 +399,19 @@ class SegTrainTask(BasicTrainTask):
         datalist = self.pre_process(req, datastore)
         self.prepare_tracking(req)
         start = time.time()
+        try:
+            result = self._run(req, datalist, world_size, device)
+        except Exception as e:
+            root = _input_error_in(e)
+            if root is not None:  # surface "label X has values [7] ..." instead of MONAI's wrapper
+                raise root from e
+            raise
+        result["wall_time_s"] = round(time.time() - start, 1)
+        self.cleanup(req)
+        return result
+
+    def _run(self, req: dict, datalist: list, world_size: int, device: torch.device) -> dict:
+        """Train in this process or in ``world_size`` spawned ones; returns the stats."""
         if world_size > 1:
             req["multi_gpu"] = True
             req["distributed_backend"] = "nccl" if device.type == "cuda" else "gloo"
@@ -396,8 +423,6 @@ class SegTrainTask(BasicTrainTask):
             req["multi_gpu"] = False
             self.train(0, 1, req, datalist)
             result = self.stats()
-        result["wall_time_s"] = round(time.time() - start, 1)
-        self.cleanup(req)
         return result
 
     def _device(self, context: Context) -> torch.device:
