@@ -37,9 +37,18 @@ def test_two_process_cpu_training_gloo(tmp_path: Path, require_data: None) -> No
     # the published DDP model has plain (unwrapped) keys and serves
     state = torch.load(Path(app.model_dir) / "unet3d.pt", map_location="cpu", weights_only=True)["model"]
     assert not any(k.startswith("module.") for k in state)
-    res = app.infer({"model": "unet3d", "image": "hippocampus_003"})
-    seg = nib.load(res["file"])
-    assert seg.shape == nib.load(tmp_path / "studies" / "hippocampus_003.nii.gz").shape
+    src = tmp_path / "studies" / "hippocampus_003.nii.gz"
+    ras = nib.load(app.infer({"model": "unet3d", "image": "hippocampus_003"})["file"])
+    assert ras.shape == nib.load(src).shape
+
+    # the same image stored in LPS order: the label comes back in LPS order with the LPS affine,
+    # and it is the same segmentation in world space
+    lps_img = nib.load(src).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    lps_path = tmp_path / "lps.nii.gz"
+    nib.save(lps_img, lps_path)
+    lps = nib.load(app.infer({"model": "unet3d", "image": str(lps_path)})["file"])
+    assert np.allclose(lps.affine, lps_img.affine) and lps.shape == lps_img.shape
+    assert np.array_equal(np.asanyarray(lps.dataobj), np.asanyarray(ras.dataobj)[::-1, ::-1, :])
 
 
 def test_amp_bf16_path_runs_on_cpu(tmp_path: Path, require_data: None) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import hippo_case
-from lib.conf import AppConf, ConfError, parse_bool, parse_labels, parse_names, parse_size
+from lib.conf import AppConf, ConfError, parse_bool, parse_labels, parse_modalities, parse_names, parse_size
 from lib.inference import flip_combinations, predict_probabilities
 from lib.metrics import dice_per_class
 from lib.networks import UNet3DSpec, build_unet3d
@@ -31,6 +31,8 @@ def test_conf_parsing() -> None:
     with pytest.raises(ConfError, match="valid names are: unet3d"):
         parse_names("unet3d,bogus", ["unet3d"])
     assert parse_names("all", ["unet3d", "nnunet"]) == ["unet3d", "nnunet"]
+    assert parse_modalities("4") == ["channel0", "channel1", "channel2", "channel3"]
+    assert parse_modalities("flair, t1") == ["flair", "t1"]
     c = AppConf({"roi_size": "64", "unet3d.roi_size": "32,32,16"})
     assert c.size("roi_size", "128", 3, model="unet3d") == (32, 32, 16)
     assert c.size("roi_size", "128", 3, model="other") == (64, 64, 64)

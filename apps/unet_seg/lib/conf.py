@@ -108,6 +108,17 @@ def parse_labels(value: Any, key: str = "labels") -> dict[str, int]:
     return {name: i + 1 for i, name in enumerate(names)}
 
 
+def parse_modalities(value: Any, key: str = "modalities") -> list[str]:
+    """``"4"`` -> 4 unnamed channels; ``"flair,t1,t1c,t2"`` -> named channels."""
+    text = str(value).strip()
+    if text.isdigit():
+        return [f"channel{i}" for i in range(parse_int(text, key, minimum=1))]
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ConfError(f"{key}: give a channel count or comma-separated names, got {value!r}")
+    return names
+
+
 def parse_names(value: Any, valid: Sequence[str], key: str = "models") -> list[str]:
     """Parse a comma list of names (or ``all``) and check every name against ``valid``."""
     text = str(value).strip() if value is not None else "all"

@@ -20,7 +20,7 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from ..conf import AppConf, parse_int
+from ..conf import AppConf, parse_modalities
 from ..infers.unet3d import UNet3DInfer
 from ..networks import UNet3DSpec
 from ..trainers.unet3d import UNet3DTrain
@@ -28,17 +28,6 @@ from ..trainers.unet3d import UNet3DTrain
 logger = logging.getLogger(__name__)
 
 DEFAULT_LABELS = "anterior,posterior"
-
-
-def parse_modalities(value: Any) -> list[str]:
-    """``"4"`` -> 4 unnamed channels; ``"flair,t1"`` -> named channels."""
-    text = str(value).strip()
-    if text.isdigit():
-        return [f"channel{i}" for i in range(parse_int(text, "modalities", minimum=1))]
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    if not names:
-        raise ValueError("modalities: give a channel count or comma-separated names")
-    return names
 
 
 class UNet3D(TaskConfig):
