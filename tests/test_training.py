@@ -114,3 +114,21 @@ def test_bad_label_in_datastore_fails_training_with_named_file(tmp_path: Path, r
 
     with pytest.raises(InputError, match=r"hippocampus_004.*values \[3, 6\]"):
         app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.5})
+
+
+def test_unusable_checkpoints_are_reported_not_served(tmp_path: Path, require_data: None) -> None:
+    from lib.checkpoints import write_checkpoint_atomic
+    from lib.infers.base import ModelNotReady
+
+    app = make_app(tmp_path, [3])
+    model_file = Path(app.model_dir) / "unet3d.pt"
+    model_file.write_bytes(b"garbage, not a checkpoint")
+    reason = app.info()["models_not_ready"]["unet3d"]["not_ready_reason"]
+    assert "cannot be read" in reason
+    with pytest.raises(ModelNotReady):
+        app._infers["unet3d"]({"image": str(tmp_path / "studies" / "hippocampus_003.nii.gz")})
+    # a checkpoint for other labels is refused with the reason, never served
+    write_checkpoint_atomic(str(model_file), {}, {"model": "unet3d", "labels": {"liver": 1}, "in_channels": 1, "spatial_dims": 3})
+    reason = app.info()["models_not_ready"]["unet3d"]["not_ready_reason"]
+    assert "labels" in reason and "liver" in reason
+    assert "unet3d" not in app.info()["models"]

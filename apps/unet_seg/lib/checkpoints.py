@@ -29,6 +29,21 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return dict(state), meta
 
 
+_meta_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """Meta block of a checkpoint, cached by file modification time and size (cheap for /info)."""
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size)
+    cached = _meta_cache.get(path)
+    if cached and cached[0] == key:
+        return dict(cached[1])
+    _, meta = read_checkpoint(path)
+    _meta_cache[path] = (key, meta)
+    return dict(meta)
+
+
 def write_checkpoint_atomic(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Write {"model", "meta"} to a temp file in the same folder, then rename over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))

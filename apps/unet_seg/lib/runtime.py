@@ -105,6 +105,8 @@ def resolve_amp(requested: Any, device: torch.device) -> AmpPolicy:
 
 def resolve_device(requested: Any = None, rank: int = 0) -> torch.device:
     """``cuda``/``cpu``/``cuda:N`` or None (auto: CUDA when available). Ranks map to GPUs."""
+    if isinstance(requested, (list, tuple)):  # MONAI Label clients may echo the device list from /info
+        requested = requested[0] if requested else None
     text = str(requested).strip().lower() if requested not in (None, "") else "auto"
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"

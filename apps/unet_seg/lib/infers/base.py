@@ -26,7 +26,7 @@ from monai.transforms import Compose, Invertd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from ..checkpoints import incompatibility, read_checkpoint
+from ..checkpoints import incompatibility, read_checkpoint, read_meta
 from ..conf import parse_bool, parse_float, parse_int, parse_size
 from ..inference import predict_probabilities
 from ..runtime import resolve_amp, resolve_device
@@ -78,7 +78,7 @@ class SegInferTask(BasicInferTask):
                 reasons.append(f"{os.path.basename(path)} does not exist")
                 continue
             try:
-                _, meta = read_checkpoint(path)
+                meta = read_meta(path)
             except Exception as e:
                 reasons.append(f"{path} cannot be read ({e})")
                 continue

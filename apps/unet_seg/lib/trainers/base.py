@@ -42,7 +42,7 @@ from monai.transforms import AsDiscreted
 from monai.utils import CommonKeys as Keys
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from ..checkpoints import incompatibility, now_iso, read_checkpoint, write_checkpoint_atomic
+from ..checkpoints import incompatibility, now_iso, read_checkpoint, read_meta, write_checkpoint_atomic
 from ..conf import ConfError, parse_bool, parse_float, parse_int
 from ..inference import predict_probabilities
 from ..runtime import AmpPolicy, resolve_amp, resolve_device
@@ -171,7 +171,7 @@ class PublishModel:
             "max_epochs": ctx.max_epochs,
         })
         if os.path.exists(task.published_path):
-            _, pmeta = read_checkpoint(task.published_path)
+            pmeta = read_meta(task.published_path)
             stats["published"] = {k: pmeta.get(k) for k in ("version", "published_at", "epoch", "val_mean_dice", "run_id")}
         tmp = f"{task._stats_path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -449,7 +449,7 @@ class SegTrainTask(BasicTrainTask):
         for path in (self.published_path, self.pretrained_path):
             if path and os.path.exists(path):
                 try:
-                    _, meta = read_checkpoint(path)
+                    meta = read_meta(path)
                 except Exception as e:
                     logger.warning(f"ignoring unreadable checkpoint {path}: {e}")
                     continue
