@@ -85,3 +85,59 @@ def build_unet3d(spec: UNet3DSpec) -> torch.nn.Module:
 def count_parameters(net: torch.nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+@dataclass
+class DynUNetSpec:
+    """A plan-shaped DynUNet (nnU-Net): per-stage kernels, strides and filters; stored in checkpoints."""
+
+    spatial_dims: int
+    in_channels: int
+    out_channels: int
+    kernels: list[list[int]]
+    strides: list[list[int]]
+    filters: list[int]
+    deep_supervision: bool = True
+    deep_supr_num: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DynUNetSpec":
+        """Inverse of to_dict."""
+        return cls(**data)
+
+    @property
+    def divisor(self) -> list[int]:
+        """Per-axis factor every input size must be a multiple of (product of the strides)."""
+        out = [1] * self.spatial_dims
+        for stride in self.strides:
+            out = [o * s for o, s in zip(out, stride)]
+        return out
+
+
+def build_dynunet(spec: DynUNetSpec) -> torch.nn.Module:
+    """nnU-Net's plain U-Net: conv-IN-LeakyReLU x2 per stage, strided conv down, transposed conv up.
+
+    In training mode with deep supervision the output is stacked as (B, 1 + deep_supr_num, C, ...)
+    (all heads upsampled to full resolution); in eval mode only the full-resolution head.
+    """
+    if len(spec.kernels) != len(spec.strides) or len(spec.filters) != len(spec.strides):
+        raise ValueError(f"plan stages disagree: {len(spec.kernels)} kernels, {len(spec.strides)} strides, {len(spec.filters)} filters")
+    return DynUNet(
+        spatial_dims=spec.spatial_dims,
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        kernel_size=spec.kernels,
+        strides=spec.strides,
+        upsample_kernel_size=spec.strides[1:],
+        filters=spec.filters,
+        norm_name=("INSTANCE", {"affine": True}),
+        act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        deep_supervision=spec.deep_supervision,
+        deep_supr_num=max(1, spec.deep_supr_num),
+        res_block=False,
+        trans_bias=False,
+    )

@@ -22,9 +22,15 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
+    RandAdjustContrastd,
+    RandAffined,
     RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     SpatialPadd,
 )
 
@@ -167,4 +173,34 @@ def flips_and_brightness(spatial_dims: int, flip_prob: float = 0.5, intensity_pr
         *[RandFlipd(keys=["image", "label"], prob=flip_prob, spatial_axis=a) for a in range(spatial_dims)],
         RandScaleIntensityd(keys="image", factors=0.3, prob=intensity_prob),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=intensity_prob),
+    ]
+
+
+def nnunet_augmentation(spatial_dims: int, anisotropic: bool = False) -> list:
+    """nnU-Net's default training augmentation with its probabilities.
+
+    Rotation (+-30 deg; only in-plane when anisotropic) and scaling (0.7-1.4) each p=0.2,
+    Gaussian noise (variance up to 0.1) p=0.1, Gaussian blur (sigma 0.5-1) p=0.2, brightness
+    (x0.75-1.25) p=0.15, contrast (x0.75-1.25 around the mean) p=0.15, low-resolution simulation
+    (zoom 0.5-1) p=0.25, gamma (0.7-1.5) p=0.3, mirroring on every axis p=0.5.
+    """
+    angle = 30 * 3.141592653589793 / 180
+    if spatial_dims == 3:
+        rotate = (angle, 0.0, 0.0) if anisotropic else (angle, angle, angle)
+    else:
+        rotate = (angle,)
+    sigma = (0.5, 1.0)
+    return [
+        RandAffined(keys=["image", "label"], prob=0.2, rotate_range=rotate, mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),
+        RandAffined(keys=["image", "label"], prob=0.2, scale_range=[(-0.3, 0.4)] * spatial_dims,
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1 ** 0.5),
+        RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
+        RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
+        RandScaleIntensityFixedMeand(keys="image", prob=0.15, factors=0.25, preserve_range=True),
+        RandSimulateLowResolutiond(keys="image", prob=0.25, zoom_range=(0.5, 1.0),
+                                   upsample_mode="trilinear" if spatial_dims == 3 else "bilinear"),
+        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+        *[RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(spatial_dims)],
     ]

@@ -302,7 +302,8 @@ class SegTrainTask(BasicTrainTask):
             with policy.autocast():
                 pred = engine.inferer(inputs, engine.network)
                 loss = engine.loss_function(pred, targets).mean()
-            engine.state.output[Keys.PRED] = pred
+            # deep-supervision nets stack their heads as (B, heads, C, ...): metrics use the first
+            engine.state.output[Keys.PRED] = pred[:, 0] if pred.ndim == inputs.ndim + 1 else pred
             engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             if scaler is not None:
