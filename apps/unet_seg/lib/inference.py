@@ -70,3 +70,33 @@ def predict_probabilities(
         net.train(was_training)
     assert total is not None
     return total / len(flips)
+
+
+@torch.no_grad()
+def predict_volume(
+    net: torch.nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    *,
+    slice_axis: int | None = None,
+    slice_batch: int = 32,
+    **kwargs: object,
+) -> torch.Tensor:
+    """Probabilities for a batch ``(1, C, *spatial)``; a 2D net on a 3D image runs slice by slice.
+
+    With ``slice_axis`` set (0, 1 or 2 of the spatial axes) and a 2D ``roi_size``, the volume's
+    slices along that axis are segmented in batches of ``slice_batch`` through
+    :func:`predict_probabilities` (same blending, TTA over the 2D axes, AMP) and stacked back.
+    """
+    spatial = image.ndim - 2
+    if slice_axis is None or spatial == len(roi_size):
+        return predict_probabilities(net, image, roi_size, **kwargs)  # type: ignore[arg-type]
+    if spatial != 3 or len(roi_size) != 2:
+        raise ValueError(f"slice-wise inference needs a 3D image and a 2D roi, got {tuple(image.shape)} / {tuple(roi_size)}")
+    if image.shape[0] != 1:
+        raise ValueError("slice-wise inference takes one volume at a time")
+    slices = image[0].movedim(1 + slice_axis, 0)  # (S, C, a, b)
+    parts = [predict_probabilities(net, slices[i:i + slice_batch], roi_size, **kwargs)  # type: ignore[arg-type]
+             for i in range(0, slices.shape[0], slice_batch)]
+    probs = torch.cat(parts, dim=0)  # (S, K, a, b)
+    return probs.movedim(0, 1 + slice_axis)[None]

@@ -15,6 +15,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
+    CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -31,6 +32,7 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
+    Spacingd,
     SpatialPadd,
 )
 
@@ -101,10 +103,12 @@ class CheckLabeld(MapTransform):
     Float labels with integer values are cast to integers (some MSD files are stored as float32).
     """
 
-    def __init__(self, keys: KeysCollection, label_values: Sequence[int], image_key: str = "image") -> None:
+    def __init__(self, keys: KeysCollection, label_values: Sequence[int], image_key: str = "image",
+                 require_foreground: bool = False) -> None:
         super().__init__(keys)
         self.allowed = {0, *[int(v) for v in label_values]}
         self.image_key = image_key
+        self.require_foreground = require_foreground
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -128,13 +132,16 @@ class CheckLabeld(MapTransform):
                     f"label {_source(data, key)}: values {unknown} are not among the model's label values "
                     f"{sorted(self.allowed)}"
                 )
+            if self.require_foreground and values <= {0}:
+                raise InputError(f"label {_source(data, key)}: the label is empty (background only); training needs foreground")
             out = torch.as_tensor(rounded.astype(np.int16))
             d[key] = MetaTensor(out, meta=lab.meta) if isinstance(lab, MetaTensor) else out
         return d
 
 
 def load_chain(keys: Sequence[str], channels: int, spatial_dims: int, label_values: Sequence[int] | None,
-               orientation: str | None = "RAS", modality_names: Sequence[str] | None = None) -> list:
+               orientation: str | None = "RAS", modality_names: Sequence[str] | None = None,
+               require_foreground: bool = True) -> list:
     """Load image (+label), channel-first, check channels/labels, optional reorientation."""
     chain: list = [
         SafeLoadImaged(keys=list(keys)),
@@ -142,7 +149,7 @@ def load_chain(keys: Sequence[str], channels: int, spatial_dims: int, label_valu
         CheckChannelsd(keys="image", channels=channels, spatial_dims=spatial_dims, modality_names=modality_names),
     ]
     if "label" in keys and label_values is not None:
-        chain.append(CheckLabeld(keys="label", label_values=label_values))
+        chain.append(CheckLabeld(keys="label", label_values=label_values, require_foreground=require_foreground))
     if orientation:
         chain.append(Orientationd(keys=list(keys), axcodes=orientation, labels=None))
     return chain
@@ -203,4 +210,61 @@ def nnunet_augmentation(spatial_dims: int, anisotropic: bool = False) -> list:
                                    upsample_mode="trilinear" if spatial_dims == 3 else "bilinear"),
         RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
         *[RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(spatial_dims)],
+    ]
+
+
+def nonzero(x: Any) -> Any:
+    """Foreground selector for crop-to-non-zero (module level so it pickles for spawned workers)."""
+    return x != 0
+
+
+class NormalizeFromPland(MapTransform):
+    """Per-channel normalisation as the nnU-Net plan says.
+
+    ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``: clip to the dataset's foreground
+    0.5/99.5 percentiles, then z-score with the dataset's foreground statistics.
+    ``{"scheme": "zscore", "use_nonzero_mask": bool}``: per-image z-score (over non-zero voxels
+    when the plan says so; voxels outside stay 0).
+    """
+
+    def __init__(self, keys: KeysCollection, schemes: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(keys)
+        self.schemes = [dict(s) for s in schemes]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.schemes):
+                raise InputError(f"{key} {_source(data, key)}: the plan normalises {len(self.schemes)} channel(s), got {img.shape[0]}")
+            out = torch.as_tensor(img, dtype=torch.float32).clone()
+            for c, scheme in enumerate(self.schemes):
+                x = out[c]
+                if scheme.get("scheme") == "ct":
+                    lo, hi = scheme["clip"]
+                    x = x.clamp(float(lo), float(hi))
+                    out[c] = (x - float(scheme["mean"])) / max(float(scheme["std"]), 1e-8)
+                elif scheme.get("use_nonzero_mask"):
+                    mask = x != 0
+                    if mask.any():
+                        vals = x[mask]
+                        out[c] = torch.where(mask, (x - vals.mean()) / vals.std().clamp_min(1e-8), torch.zeros_like(x))
+                else:
+                    out[c] = (x - x.mean()) / x.std().clamp_min(1e-8)
+            d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations) if isinstance(img, MetaTensor) else out
+        return d
+
+
+def nnunet_preprocess(keys: Sequence[str], target_spacing: Sequence[float], schemes: Sequence[Mapping[str, Any]]) -> list:
+    """Crop to non-zero, resample to the plan's spacing (3rd order image, nearest label), normalise.
+
+    All steps but the normalisation are invertible, so the inferer can return labels in the
+    request image's original geometry.
+    """
+    keys = list(keys)
+    modes: Any = (3, "nearest") if len(keys) == 2 else 3
+    return [
+        CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True),
+        Spacingd(keys=keys, pixdim=list(target_spacing), mode=modes, padding_mode="border" if len(keys) == 1 else ("border", "border")),
+        NormalizeFromPland(keys="image", schemes=schemes),
     ]

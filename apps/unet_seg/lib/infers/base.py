@@ -5,7 +5,7 @@
   why, /info lists the model under ``models_not_ready`` and /infer answers 409.
 * The network is rebuilt from the checkpoint's meta and reloaded when the file changes
   (a retrain publishes a new version; the next request serves it).
-* Inference goes through ``lib.inference.predict_probabilities`` (sliding window, Gaussian
+* Inference goes through ``lib.inference.predict_volume`` (sliding window, Gaussian
   blending, ``tta`` flips, ``amp``), then argmax, then MONAI's inverse of the invertible
   pre-transforms so the label has the request image's exact shape and affine, with values
   1..N in the order of the label names.
@@ -28,7 +28,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoints import incompatibility, read_checkpoint, read_meta
 from ..conf import parse_bool, parse_float, parse_int, parse_size
-from ..inference import predict_probabilities
+from ..inference import predict_volume
 from ..runtime import resolve_amp, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,10 @@ class SegInferTask(BasicInferTask):
 
     def __init__(self, *, model_name: str, model_dir: str, labels: Mapping[str, int], spatial_dims: int,
                  in_channels: int, roi_size: Sequence[int], description: str,
-                 pretrained_path: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+                 pretrained_path: str | None = None, config: Mapping[str, Any] | None = None,
+                 network_dims: int | None = None) -> None:
         self.model_name = model_name
+        self.network_dims = network_dims or spatial_dims
         self.published_path = os.path.join(model_dir, f"{model_name}.pt")
         self.pretrained_path = pretrained_path
         self.in_channels = in_channels
@@ -66,7 +68,7 @@ class SegInferTask(BasicInferTask):
     # ---- readiness --------------------------------------------------------------------------
     def expected_meta(self) -> dict[str, Any]:
         """What a checkpoint must match to be served."""
-        return {"model": self.model_name, "labels": dict(self.labels), "in_channels": self.in_channels, "spatial_dims": self.dimension}
+        return {"model": self.model_name, "labels": dict(self.labels), "in_channels": self.in_channels, "spatial_dims": self.network_dims}
 
     def _candidate(self) -> tuple[str | None, dict, str | None]:
         """(path, meta, reason): the newest usable checkpoint, or the reason none is usable."""
@@ -151,14 +153,13 @@ class SegInferTask(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
         dev = torch.device(device)
         net, meta = self.load_network(dev)
-        roi = parse_size(meta.get("roi_size") or self.roi_size, self.dimension, "roi_size")
-        if data.get("roi_size"):
-            roi = parse_size(data["roi_size"], self.dimension, "roi_size")
+        roi_dims = len(meta.get("roi_size") or self.roi_size)
+        roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
         tta = parse_bool(data.get("tta", False), "tta")
         policy = resolve_amp(data.get("amp", True), dev)
         image = data[self.input_key]
-        probs = predict_probabilities(
-            net, torch.as_tensor(image)[None], roi,
+        probs = predict_volume(
+            net, torch.as_tensor(image)[None], roi, slice_axis=meta.get("slice_axis"),
             overlap=parse_float(data.get("overlap", 0.5), "overlap"),
             blend=str(data.get("blend", "gaussian")),
             sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
@@ -172,7 +173,11 @@ class SegInferTask(BasicInferTask):
         return data
 
     def run_pre_transforms(self, data: dict[str, Any], transforms: Sequence[Any]) -> dict[str, Any]:
+        # MONAI's Spacingd treats every "image_*" key as a meta dict; keep MONAI Label's path string aside
+        path = data.pop("image_path", None)
         out = super().run_pre_transforms(data, transforms)
+        if path is not None:
+            out["image_path"] = path
         out["_pre_transforms"] = list(transforms)  # the same instances must invert what they did
         return out
 

@@ -44,7 +44,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from ..checkpoints import incompatibility, now_iso, read_checkpoint, read_meta, write_checkpoint_atomic
 from ..conf import ConfError, parse_bool, parse_float, parse_int
-from ..inference import predict_probabilities
+from ..inference import predict_volume
 from ..runtime import AmpPolicy, resolve_amp, resolve_device
 from ..transforms import InputError
 
@@ -114,14 +114,18 @@ def estimated_bytes(datalist: Sequence[dict]) -> int:
 class EngineInferer(Inferer):
     """Validation inferer: the shared sliding-window engine under the request's AMP policy."""
 
-    def __init__(self, roi_size: Sequence[int], amp: AmpPolicy, overlap: float = 0.5) -> None:
+    def __init__(self, roi_size: Sequence[int], amp: AmpPolicy, overlap: float = 0.5, slice_axis: int | None = None) -> None:
         super().__init__()
         self.roi_size = tuple(roi_size)
         self.amp = amp
         self.overlap = overlap
+        self.slice_axis = slice_axis
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        return predict_probabilities(network, inputs, self.roi_size, overlap=self.overlap, amp=self.amp, device=inputs.device)
+        if self.slice_axis is not None and inputs.shape[0] > 1:  # slice-wise: one volume at a time
+            return torch.cat([self(inputs[i:i + 1], network) for i in range(inputs.shape[0])])
+        return predict_volume(network, inputs, self.roi_size, slice_axis=self.slice_axis, overlap=self.overlap,
+                              amp=self.amp, device=inputs.device)
 
 
 class PublishModel:
@@ -147,6 +151,7 @@ class PublishModel:
                 meta.update({
                     "spec": task.network_spec(ctx),
                     "roi_size": list(task.roi_size(ctx)),
+                    "slice_axis": task.slice_axis(ctx),
                     "run_id": ctx.run_id,
                     "epoch": int(ctx.trainer.state.epoch),
                     "val_mean_dice": val_mean,
@@ -323,8 +328,12 @@ class SegTrainTask(BasicTrainTask):
 
         return step
 
+    def slice_axis(self, context: Context) -> int | None:
+        """For 2D models on volumes: the axis slices are taken along (None for a 3D model)."""
+        return None
+
     def val_inferer(self, context: Context) -> Inferer:
-        return EngineInferer(self.roi_size(context), self.amp_policy(context))
+        return EngineInferer(self.roi_size(context), self.amp_policy(context), slice_axis=self.slice_axis(context))
 
     def train_post_transforms(self, context: Context) -> list:
         k = self.num_classes

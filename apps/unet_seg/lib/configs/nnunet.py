@@ -1,0 +1,75 @@
+"""nnU-Net 3D recipe card: a self-configuring U-Net planned from the labelled studies.
+
+Conf keys (plain or prefixed ``nnunet.``):
+
+* ``labels``, ``modalities``   as for unet3d (default ``anterior,posterior`` and ``1``)
+* ``modality``                 ``MRI`` (per-image z-score) or ``CT`` (clip + dataset z-score); one value or one per channel
+* ``gpu_memory_gb``            memory budget the plan's patch and batch are sized for (default 8, nnU-Net's reference)
+* ``schedule``                 ``fast`` (default, interactive: 50 epochs x 50 iterations) or
+                               ``nnunet`` (nnU-Net's 1000 epochs x 250 iterations)
+* ``max_epochs``, ``iterations_per_epoch``   override the schedule
+* ``base_filters``, ``max_filters``, ``max_patch_voxels``   shrink the planned network (tests, CPU previews)
+* ``pretrained``               a local checkpoint served until the model is trained here
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from monailabel.interfaces.config import TaskConfig
+
+from ..conf import AppConf, ConfError, parse_modalities
+from ..infers.nnunet import NnUNetInfer
+from ..trainers.nnunet import NnUNetTrain, planner_settings
+
+SCHEDULES = {"fast": (50, 50), "nnunet": (1000, 250)}
+
+
+class NnUNet(TaskConfig):
+    """TaskConfig registering the nnU-Net inferer and trainer (3D; the 2D config subclasses it)."""
+
+    dims = 3
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        c = AppConf(conf)
+        self.labels = c.labels("anterior,posterior", model=name)
+        self.modalities = parse_modalities(c.get("modalities", "1", model=name))
+        kinds = [k.strip().upper() for k in c.str("modality", "MRI", model=name).split(",") if k.strip()]
+        if len(kinds) == 1:
+            kinds = kinds * len(self.modalities)
+        if len(kinds) != len(self.modalities) or any(k not in ("CT", "MRI", "MR", "OTHER") for k in kinds):
+            raise ConfError(f"{name}.modality: give CT or MRI, once or per channel ({len(self.modalities)}), got {kinds}")
+        self.kinds = ["MRI" if k == "MR" else k for k in kinds]
+        schedule = c.str("schedule", "fast", model=name)
+        if schedule not in SCHEDULES:
+            raise ConfError(f"{name}.schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
+        epochs, iters = SCHEDULES[schedule]
+        self.max_epochs = c.int("max_epochs", epochs, model=name, minimum=1)
+        self.iterations = c.int("iterations_per_epoch", iters, model=name, minimum=1)
+        self.gpu_memory_gb = c.float("gpu_memory_gb", 8.0, model=name)
+        self.settings = planner_settings(
+            base_filters=c.int("base_filters", 0, model=name) or None,
+            max_filters=c.int("max_filters", 0, model=name) or None,
+            max_patch_voxels=c.int("max_patch_voxels", 0, model=name) or None,
+            dims=self.dims,
+        )
+        pretrained = c.get("pretrained", None, model=name)
+        self.pretrained = os.path.abspath(pretrained) if pretrained else None
+        self.tracking = c.str("tracking", "mlflow", model=name)
+        self.cache_mb = c.int("cache_mb", 2048, model=name, minimum=0)
+
+    def _common(self) -> dict[str, Any]:
+        return {"model_name": self.name, "model_dir": self.model_dir, "labels": self.labels,
+                "pretrained_path": self.pretrained, "modality_names": self.modalities, "dims": self.dims}
+
+    def infer(self) -> NnUNetInfer:
+        return NnUNetInfer(in_channels=len(self.modalities), roi_size=[0] * self.dims,
+                           description=f"nnU-Net {self.dims}D (self-configuring) for {', '.join(self.labels)}", **self._common())
+
+    def trainer(self) -> NnUNetTrain:
+        return NnUNetTrain(modality_kinds=self.kinds, gpu_memory_gb=self.gpu_memory_gb, settings=self.settings,
+                           iterations_per_epoch=self.iterations, tracking=self.tracking, cache_mb=self.cache_mb,
+                           description=f"Train nnU-Net {self.dims}D from a plan of the labelled studies",
+                           config={"max_epochs": self.max_epochs}, **self._common())
