@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
+from monai.transforms import KeepLargestConnectedComponent
 
 from .runtime import AmpPolicy
 
@@ -100,3 +101,11 @@ def predict_volume(
              for i in range(0, slices.shape[0], slice_batch)]
     probs = torch.cat(parts, dim=0)  # (S, K, a, b)
     return probs.movedim(0, 1 + slice_axis)[None]
+
+
+def largest_component(label: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
+    """Keep only the largest connected component of each of ``values`` in an integer label map (no channel axis)."""
+    if not values:
+        return label
+    keep = KeepLargestConnectedComponent(applied_labels=list(values), is_onehot=False, independent=True)
+    return torch.as_tensor(keep(label[None]))[0].to(label.dtype)

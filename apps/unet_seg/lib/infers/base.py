@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoints import incompatibility, read_checkpoint, read_meta
 from ..conf import parse_bool, parse_float, parse_int, parse_size
-from ..inference import predict_volume
+from ..inference import largest_component, predict_volume
 from ..runtime import resolve_amp, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -70,14 +71,16 @@ class SegInferTask(BasicInferTask):
         """What a checkpoint must match to be served."""
         return {"model": self.model_name, "labels": dict(self.labels), "in_channels": self.in_channels, "spatial_dims": self.network_dims}
 
-    def _candidate(self) -> tuple[str | None, dict, str | None]:
-        """(path, meta, reason): the newest usable checkpoint, or the reason none is usable."""
-        reasons = []
-        for path in (self.published_path, self.pretrained_path):
+    def _usable(self) -> tuple[list[tuple[str, dict]], list[str]]:
+        """Usable checkpoints in serving order (trained model, fold models, pretrained) and why others are not."""
+        folds = sorted(glob.glob(os.path.join(os.path.dirname(self.published_path), f"{self.model_name}_fold*.pt")))
+        usable, reasons = [], []
+        for path in (self.published_path, *folds, self.pretrained_path):
             if not path:
                 continue
             if not os.path.exists(path):
-                reasons.append(f"{os.path.basename(path)} does not exist")
+                if path == self.published_path and not folds:
+                    reasons.append(f"{os.path.basename(path)} does not exist")
                 continue
             try:
                 meta = read_meta(path)
@@ -86,9 +89,27 @@ class SegInferTask(BasicInferTask):
                 continue
             reason = incompatibility(meta, self.expected_meta())
             if reason is None:
-                return path, meta, None
-            reasons.append(f"{path}: {reason}")
+                usable.append((path, meta))
+            else:
+                reasons.append(f"{path}: {reason}")
+        return usable, reasons
+
+    def _candidate(self) -> tuple[str | None, dict, str | None]:
+        """(path, meta, reason): the checkpoint that serves, or the reason none is usable."""
+        usable, reasons = self._usable()
+        if usable:
+            return usable[0][0], usable[0][1], None
         return None, {}, "; ".join(reasons) or "no checkpoint configured"
+
+    def ensemble_members(self) -> list[tuple[str, dict]]:
+        """Trained checkpoints (main and folds) that share the serving one's geometry, for ensembling."""
+        usable, _ = self._usable()
+        if not usable:
+            return []
+        first = usable[0][1]
+        same = ("roi_size", "slice_axis", "plan")
+        trained = [(p, m) for p, m in usable if p != self.pretrained_path] or usable[:1]
+        return [(p, m) for p, m in trained if all(m.get(k) == first.get(k) for k in same)]
 
     def is_valid(self) -> bool:
         return self._candidate()[0] is not None
@@ -117,21 +138,22 @@ class SegInferTask(BasicInferTask):
     def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
         """Rebuild the network from a checkpoint's meta."""
 
-    def load_network(self, device: torch.device) -> tuple[torch.nn.Module, dict]:
-        """The served network on ``device`` (reloaded when the checkpoint file changes)."""
-        path, meta, _ = self._candidate()
+    def load_network(self, device: torch.device, path: str | None = None) -> tuple[torch.nn.Module, dict]:
+        """A served network on ``device`` (the serving checkpoint unless ``path``), reloaded when its file changes."""
+        if path is None:
+            path, _, _ = self._candidate()
         if not path:
             raise ModelNotReady(self.not_ready_reason())
         key = (path, os.stat(path).st_mtime)
         with self._lock:
-            cached = self._loaded.get(str(device))
+            cached = self._loaded.get(f"{device}|{path}")
             if cached and cached[0] == key:
                 return cached[1], cached[2]
             state, meta = read_checkpoint(path)
             net = self.build_network(meta)
             net.load_state_dict(state, strict=True)
             net.to(device).eval()
-            self._loaded[str(device)] = (key, net, meta)
+            self._loaded[f"{device}|{path}"] = (key, net, meta)
             logger.info(f"{self.model_name}: loaded {path} (version {meta.get('version')}) on {device}")
             return net, meta
 
@@ -153,23 +175,35 @@ class SegInferTask(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
         dev = torch.device(device)
         net, meta = self.load_network(dev)
+        members = [(net, meta)]
+        if parse_bool(data.get("ensemble", False), "ensemble"):
+            members = [self.load_network(dev, path) for path, _ in self.ensemble_members()] or members
         roi_dims = len(meta.get("roi_size") or self.roi_size)
         roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
         tta = parse_bool(data.get("tta", False), "tta")
         policy = resolve_amp(data.get("amp", True), dev)
-        image = data[self.input_key]
-        probs = predict_volume(
-            net, torch.as_tensor(image)[None], roi, slice_axis=meta.get("slice_axis"),
-            overlap=parse_float(data.get("overlap", 0.5), "overlap"),
-            blend=str(data.get("blend", "gaussian")),
-            sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
-            tta=tta, amp=policy, device=dev,
-        )
+        image = torch.as_tensor(data[self.input_key])[None]
+        probs = None
+        for member, _ in members:
+            p = predict_volume(
+                member, image, roi, slice_axis=meta.get("slice_axis"),
+                overlap=parse_float(data.get("overlap", 0.5), "overlap"),
+                blend=str(data.get("blend", "gaussian")),
+                sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
+                tta=tta, amp=policy, device=dev,
+            )
+            probs = p if probs is None else probs + p
         label = torch.argmax(probs, dim=1).to(torch.uint8 if len(self.labels) < 255 else torch.int16).cpu()
-        if isinstance(image, MetaTensor):
-            label = MetaTensor(label, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        lcc = []
+        if parse_bool(data.get("postprocess", True), "postprocess"):
+            lcc = list((meta.get("postprocessing") or {}).get("largest_component", []))
+            label[0] = largest_component(label[0], [self.labels[n] for n in lcc if n in self.labels])
+        source = data[self.input_key]
+        if isinstance(source, MetaTensor):
+            label = MetaTensor(label, meta=dict(source.meta), applied_operations=list(source.applied_operations))
         data[self.output_label_key] = label
-        data["_infer_info"] = {"tta": tta, "amp": policy.describe(), "roi_size": list(roi), "model_version": meta.get("version")}
+        data["_infer_info"] = {"tta": tta, "amp": policy.describe(), "roi_size": list(roi), "model_version": meta.get("version"),
+                               "ensemble": len(members), "largest_component": lcc}
         return data
 
     def run_pre_transforms(self, data: dict[str, Any], transforms: Sequence[Any]) -> dict[str, Any]:

@@ -38,13 +38,14 @@ from ignite.engine import Engine, Events
 from monai.engines import IterationEvents
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import Inferer
-from monai.transforms import AsDiscreted
+from monai.transforms import AsDiscreted, Compose
 from monai.utils import CommonKeys as Keys
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from ..checkpoints import incompatibility, now_iso, read_checkpoint, read_meta, write_checkpoint_atomic
 from ..conf import ConfError, parse_bool, parse_float, parse_int
-from ..inference import predict_volume
+from ..inference import largest_component, predict_volume
+from ..metrics import DiceAccumulator
 from ..runtime import AmpPolicy, resolve_amp, resolve_device
 from ..transforms import InputError
 
@@ -93,6 +94,37 @@ def stable_split(datalist: Sequence[dict], path: str, val_split: float, seed: in
         json.dump(record, f, indent=2)
     os.replace(tmp, path)
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def fold_split(datalist: Sequence[dict], path: str, nfolds: int, fold: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """K-fold cross-validation split persisted in ``path`` (case -> fold), stable across retrains.
+
+    Cases recorded earlier keep their fold; new cases are dealt to the currently smallest folds
+    (seeded order), so adding labels never moves a case between training and validation of a fold.
+    """
+    if nfolds < 2 or not 0 <= fold < nfolds:
+        raise ConfError(f"fold must be in [0, nfolds) with nfolds >= 2, got fold={fold}, nfolds={nfolds}")
+    by_id = {case_id(d): d for d in datalist}
+    stored: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    if stored.get("nfolds", nfolds) != nfolds:
+        raise ConfError(f"{path} was made with nfolds={stored['nfolds']}; use it or delete the file to re-fold")
+    assignment = {k: int(v) for k, v in stored.get("assignment", {}).items() if k in by_id}
+    new = sorted(i for i in by_id if i not in assignment)
+    random.Random(seed).shuffle(new)
+    for case in new:
+        sizes = [sum(1 for v in assignment.values() if v == k) for k in range(nfolds)]
+        assignment[case] = sizes.index(min(sizes))
+    record = {"nfolds": nfolds, "seed": seed, "assignment": dict(sorted(assignment.items())), "updated": now_iso()}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+    val = [by_id[i] for i in sorted(by_id) if assignment[i] == fold]
+    train = [by_id[i] for i in sorted(by_id) if assignment[i] != fold]
+    return train, val
 
 
 def estimated_bytes(datalist: Sequence[dict]) -> int:
@@ -372,9 +404,15 @@ class SegTrainTask(BasicTrainTask):
         val_split = parse_float(request.get("val_split", 0.2), "val_split")
         if not 0.0 <= val_split < 1.0:
             raise ConfError(f"val_split must be in [0, 1), got {val_split}")
-        train, val = stable_split(datalist, self.split_path, val_split,
-                                  seed=parse_int(request.get("split_seed", 0), "split_seed"),
-                                  resplit=parse_bool(request.get("resplit", False), "resplit"))
+        seed = parse_int(request.get("split_seed", 0), "split_seed")
+        fold = request.get("fold")
+        if fold is not None and str(fold) != "":
+            nfolds = parse_int(request.get("nfolds", 5), "nfolds")
+            folds_path = os.path.join(os.path.dirname(self.split_path), f"{self.model_name}_folds.json")
+            train, val = fold_split(datalist, folds_path, nfolds, parse_int(fold, "fold"), seed)
+        else:
+            train, val = stable_split(datalist, self.split_path, val_split, seed=seed,
+                                      resplit=parse_bool(request.get("resplit", False), "resplit"))
         request["train_ds"], request["val_ds"] = train, val
         return datalist
 
@@ -396,6 +434,12 @@ class SegTrainTask(BasicTrainTask):
         req = copy.deepcopy(self._config)
         req.update(copy.deepcopy(request))
         req["run_id"] = datetime.now().strftime("%Y%m%d_%H%M%S")
+        fold = req.get("fold")
+        suffix = f"_fold{parse_int(fold, 'fold')}" if fold is not None and str(fold) != "" else ""
+        model_dir = os.path.dirname(self.published_path)
+        self.published_path = os.path.join(model_dir, f"{self.model_name}{suffix}.pt")
+        self._stats_path = os.path.join(model_dir, f"{self.model_name}{suffix}_train_stats.json")
+        req["name"] = f"train_{self.model_name}{suffix}"
         for key in ("max_epochs", "train_batch_size", "val_batch_size"):
             req[key] = parse_int(req[key], key, minimum=1)
         device = resolve_device(req.get("device"))
@@ -477,11 +521,54 @@ class SegTrainTask(BasicTrainTask):
         self._current_spec_for_load = self.network_spec(context)
         return super()._create_trainer(context)
 
+    #: nnU-Net-style search: keep the largest connected component of a class only where that
+    #: improved validation Dice of the published model (stored in its meta, applied at inference)
+    search_postprocessing: bool = False
+
     def finalize(self, context: Context) -> None:
         super().finalize(context)
         if context.local_rank == 0:
             engine = context.evaluator or context.trainer
             engine.add_event_handler(Events.EPOCH_COMPLETED, PublishModel(self, context))
+            if self.search_postprocessing and context.evaluator:
+                context.trainer.add_event_handler(Events.COMPLETED, lambda _: self.choose_postprocessing(context))
+
+    def choose_postprocessing(self, context: Context) -> dict[str, Any]:
+        """Dice of the published model on the validation cases with and without largest-component filtering per class."""
+        if not os.path.exists(self.published_path):
+            return {}
+        state, meta = read_checkpoint(self.published_path)
+        net = self.network(context).to(context.device)
+        net.load_state_dict(state)
+        inferer = self.val_inferer(context)
+        pre = Compose(self.val_pre_transforms(context))
+        plain = DiceAccumulator(self.labels)
+        filtered = {name: DiceAccumulator(self.labels) for name in self.labels}
+        net.eval()
+        for item in context.val_datalist:
+            d = pre(dict(item))
+            probs = inferer(torch.as_tensor(d["image"])[None].to(context.device), net)
+            pred = torch.argmax(probs, 1)[0].cpu()
+            ref = torch.as_tensor(d["label"])[0].long()
+            plain.update(pred, ref)
+            for name, value in self.labels.items():
+                filtered[name].update(largest_component(pred, [value]), ref)
+        base = plain.per_class_mean_of_cases()
+        chosen = []
+        for name in self.labels:
+            after = filtered[name].per_class_mean_of_cases()[name]
+            if not np.isnan(after) and not np.isnan(base[name]) and after > base[name]:
+                chosen.append(name)
+        result = {"largest_component": chosen, "val_dice_plain": base,
+                  "val_dice_with_lcc": {n: filtered[n].per_class_mean_of_cases()[n] for n in self.labels}}
+        meta["postprocessing"] = result
+        write_checkpoint_atomic(self.published_path, state, meta)
+        logger.info(f"Postprocessing: largest component kept for {chosen or 'no class'} ({result})")
+        stats = self.stats()
+        stats["postprocessing"] = result
+        with open(self._stats_path, "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2, default=str)
+        return result
 
     def stats(self) -> dict:
         if os.path.exists(self._stats_path):

@@ -69,6 +69,8 @@ def planner_settings(base_filters: int | None = None, max_filters: int | None = 
 class NnUNetTrain(SegTrainTask):
     """Self-configuring nnU-Net training (see module docstring)."""
 
+    search_postprocessing = True
+
     def __init__(self, *, dims: int, modality_names: Sequence[str], modality_kinds: Sequence[str], gpu_memory_gb: float,
                  settings: PlannerSettings, iterations_per_epoch: int, **kwargs: Any) -> None:
         self.dims = dims
