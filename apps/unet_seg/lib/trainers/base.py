@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -243,6 +244,13 @@ def _worker(rank: int, world_size: int, request: dict, datalist: list, task: "Se
     if str(request.get("device", "cpu")).startswith("cpu"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     task.train(rank, world_size, request, datalist)
+    # Training finished and the process group is destroyed. Leave without interpreter teardown:
+    # gloo/loader threads can abort there ("terminate called without an active exception"),
+    # which spawn() would report as a failed run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 class SegTrainTask(BasicTrainTask):
