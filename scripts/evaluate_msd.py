@@ -63,9 +63,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "studies"))
         conf = {"models": args.model, "labels": json.dumps(labels), "model_dir": os.path.join(tmp, "model"),
-                "pretrained": os.path.abspath(args.model_file), "modalities": str(meta["in_channels"]),
-                "roi_size": ",".join(str(s) for s in meta["roi_size"]), "tracking": "none",
-                "preset": preset_of(meta["spec"])}
+                "pretrained": os.path.abspath(args.model_file), "modalities": str(meta["in_channels"]), "tracking": "none"}
+        if args.model == "unet3d":
+            conf.update({"roi_size": ",".join(str(s) for s in meta["roi_size"]), "preset": preset_of(meta["spec"])})
         app = UNetSegApp(APP_DIR, os.path.join(tmp, "studies"), conf)
         per_case, times = [], []
         for it in items:

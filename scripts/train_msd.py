@@ -49,8 +49,9 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--roi", default="40,56,40")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch", type=int, default=None, help="default: the model's (unet3d 2, nnU-Net from its plan)")
+    p.add_argument("--lr", type=float, default=None, help="default: the model's (unet3d 2e-4, nnU-Net 0.01)")
+    p.add_argument("--iterations", type=int, default=None, help="nnU-Net: iterations per epoch")
     p.add_argument("--val_split", type=float, default=0.2)
     p.add_argument("--limit", type=int, default=None, help="use only this many cases (random, seeded)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,13 +73,18 @@ def main() -> None:
             "preset": args.preset, "roi_size": args.roi, "tracking": args.tracking}
     app = UNetSegApp(APP_DIR, studies, conf)
     start = time.time()
-    stats = app.train({"model": args.model, "max_epochs": args.epochs, "train_batch_size": args.batch,
-                       "learning_rate": args.lr, "val_split": args.val_split, "split_seed": args.seed,
-                       "world_size": args.world_size, "amp": args.amp})
+    request = {"model": args.model, "max_epochs": args.epochs, "val_split": args.val_split, "split_seed": args.seed,
+               "world_size": args.world_size, "amp": args.amp}
+    for key, value in (("train_batch_size", args.batch), ("learning_rate", args.lr), ("iterations_per_epoch", args.iterations)):
+        if value is not None:
+            request[key] = value
+    stats = app.train(request)
     wall = time.time() - start
     summary = {
         "cases": n, "train_cases": stats.get("train_cases"), "val_cases": stats.get("val_cases"),
-        "epochs": args.epochs, "preset": args.preset, "roi": args.roi, "wall_time_s": round(wall, 1),
+        "model": args.model, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
+        "preset": args.preset if args.model == "unet3d" else None, "roi": args.roi if args.model == "unet3d" else None,
+        "wall_time_s": round(wall, 1),
         "best_val_mean_dice": stats.get("published", {}).get("val_mean_dice"),
         "best_epoch": stats.get("published", {}).get("epoch"),
         "last_epoch_val_dice_per_class": stats.get("val_dice_per_class"),
@@ -88,6 +94,9 @@ def main() -> None:
 
     meta = torch.load(summary["published_model"], map_location="cpu", weights_only=True)["meta"]
     summary["best_val_dice_per_class"] = meta.get("val_dice_per_class")
+    if meta.get("plan"):
+        summary["plan"] = {k: meta["plan"].get(k) for k in ("patch_size", "batch_size", "target_spacing", "filters", "strides")}
+        summary["postprocessing"] = meta.get("postprocessing")
     print(json.dumps(summary, indent=2))
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
