@@ -44,6 +44,20 @@ def test_preprocess_inverse_round_trip_keeps_geometry(tmp_path: Path) -> None:
     assert inside.sum() > 0 and np.asarray(out[0]).sum() == inside.sum()  # nothing predicted in the cropped border
 
 
+def test_ct_normalisation_from_plan() -> None:
+    from lib.planning import normalisation_for
+    from lib.transforms import NormalizeFromPland
+
+    fp = {"foreground_intensity_properties_per_channel": [
+        {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 50.0, "std": 25.0}]}
+    schemes = normalisation_for(fp, ["CT"])
+    img = torch.tensor([[[-1000.0, 0.0], [50.0, 2000.0]]])
+    out = NormalizeFromPland(keys="image", schemes=schemes)({"image": img})["image"]
+    assert torch.allclose(out, torch.tensor([[[-6.0, -2.0], [0.0, 10.0]]]))  # clipped to [-100, 300], (x-50)/25
+    mri = NormalizeFromPland(keys="image", schemes=normalisation_for(fp, ["MRI"]))({"image": img})["image"]
+    assert abs(float(mri.mean())) < 1e-5
+
+
 def test_deep_supervision_weights() -> None:
     from lib.trainers.nnunet import DeepSupervisionLoss
 

@@ -221,7 +221,7 @@ def nonzero(x: Any) -> Any:
 class NormalizeFromPland(MapTransform):
     """Per-channel normalisation as the nnU-Net plan says.
 
-    ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``: clip to the dataset's foreground
+    ``{"scheme": "ct", "clip_min": lo, "clip_max": hi, "mean": m, "std": s}``: clip to the dataset's foreground
     0.5/99.5 percentiles, then z-score with the dataset's foreground statistics.
     ``{"scheme": "zscore", "use_nonzero_mask": bool}``: per-image z-score (over non-zero voxels
     when the plan says so; voxels outside stay 0).
@@ -241,7 +241,7 @@ class NormalizeFromPland(MapTransform):
             for c, scheme in enumerate(self.schemes):
                 x = out[c]
                 if scheme.get("scheme") == "ct":
-                    lo, hi = scheme["clip"]
+                    lo, hi = scheme["clip_min"], scheme["clip_max"]
                     x = x.clamp(float(lo), float(hi))
                     out[c] = (x - float(scheme["mean"])) / max(float(scheme["std"]), 1e-8)
                 elif scheme.get("use_nonzero_mask"):
