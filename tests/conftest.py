@@ -98,7 +98,7 @@ class Server:
             r = requests.get(f"{self.url}/train/", timeout=10)
             if r.status_code == 200:
                 status = r.json()
-                if status.get("status") not in ("RUNNING", "QUEUED", None):
+                if status.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED", None):
                     return status
             time.sleep(2)
         raise TimeoutError(f"training still running after {timeout}s: {status}")
