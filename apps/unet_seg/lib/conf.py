@@ -119,6 +119,28 @@ def parse_modalities(value: Any, key: str = "modalities") -> list[str]:
     return names
 
 
+def parse_label_map(value: Any, key: str = "label_map") -> dict[int, int]:
+    """Stored label value -> model label value, e.g. ``"255:1"`` or ``"255=1,128=2"``; empty/none -> {}."""
+    if value is None or isinstance(value, dict):
+        return {int(k): int(v) for k, v in (value or {}).items()}
+    text = str(value).strip()
+    if text.lower() in ("", "none"):
+        return {}
+    out: dict[int, int] = {}
+    for part in text.split(","):
+        pieces = part.replace("=", ":").split(":")
+        if len(pieces) != 2:
+            raise ConfError(f"{key}: expected pairs like '255:1', got {part!r}")
+        try:
+            src, dst = int(pieces[0]), int(pieces[1])
+        except ValueError as e:
+            raise ConfError(f"{key}: label values must be integers, got {part!r}") from e
+        if src < 0 or dst < 0:
+            raise ConfError(f"{key}: label values must be >= 0, got {part!r}")
+        out[src] = dst
+    return out
+
+
 def parse_names(value: Any, valid: Sequence[str], key: str = "models") -> list[str]:
     """Parse a comma list of names (or ``all``) and check every name against ``valid``."""
     text = str(value).strip() if value is not None else "all"

@@ -15,16 +15,21 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
+    Randomizable,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapLabelValued,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
     RandAdjustContrastd,
     RandAffined,
+    Rand2DElasticd,
+    RandRotate90d,
+    RandZoomd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -71,21 +76,23 @@ class SafeLoadImaged(MapTransform):
 
 
 class CheckChannelsd(MapTransform):
-    """Require ``channels`` channels and ``spatial_dims`` spatial dims after EnsureChannelFirst."""
+    """Require ``channels`` channels and ``spatial_dims`` spatial dims (one value or the allowed ones) after EnsureChannelFirst."""
 
-    def __init__(self, keys: KeysCollection, channels: int, spatial_dims: int, modality_names: Sequence[str] | None = None) -> None:
+    def __init__(self, keys: KeysCollection, channels: int, spatial_dims: int | Sequence[int],
+                 modality_names: Sequence[str] | None = None) -> None:
         super().__init__(keys)
         self.channels = channels
-        self.spatial_dims = spatial_dims
+        self.allowed_dims = (spatial_dims,) if isinstance(spatial_dims, int) else tuple(spatial_dims)
         self.modality_names = list(modality_names or [])
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             shape = tuple(d[key].shape)
-            if len(shape) != self.spatial_dims + 1:
+            if len(shape) - 1 not in self.allowed_dims:
+                dims = " or ".join(f"{n}D" for n in self.allowed_dims)
                 raise InputError(
-                    f"{key} {_source(data, key)}: expected a {self.spatial_dims}D image "
+                    f"{key} {_source(data, key)}: expected a {dims} image "
                     f"(optionally with a channel axis), got array of shape {shape[1:] if shape[0] == 1 else shape}"
                 )
             if shape[0] != self.channels:
@@ -139,16 +146,22 @@ class CheckLabeld(MapTransform):
         return d
 
 
-def load_chain(keys: Sequence[str], channels: int, spatial_dims: int, label_values: Sequence[int] | None,
+def load_chain(keys: Sequence[str], channels: int, spatial_dims: int | Sequence[int], label_values: Sequence[int] | None,
                orientation: str | None = "RAS", modality_names: Sequence[str] | None = None,
-               require_foreground: bool = True) -> list:
-    """Load image (+label), channel-first, check channels/labels, optional reorientation."""
+               require_foreground: bool = True, label_map: Mapping[int, int] | None = None) -> list:
+    """Load image (+label), channel-first, check channels/labels, optional reorientation.
+
+    ``label_map`` renames stored label values before the check (e.g. ``{255: 1}`` for PNG masks
+    that store the object as white).
+    """
     chain: list = [
         SafeLoadImaged(keys=list(keys)),
         EnsureChannelFirstd(keys=list(keys)),
         CheckChannelsd(keys="image", channels=channels, spatial_dims=spatial_dims, modality_names=modality_names),
     ]
     if "label" in keys and label_values is not None:
+        if label_map:
+            chain.append(MapLabelValued(keys="label", orig_labels=list(label_map), target_labels=list(label_map.values())))
         chain.append(CheckLabeld(keys="label", label_values=label_values, require_foreground=require_foreground))
     if orientation:
         chain.append(Orientationd(keys=list(keys), axcodes=orientation, labels=None))
@@ -267,4 +280,130 @@ def nnunet_preprocess(keys: Sequence[str], target_spacing: Sequence[float], sche
         CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True),
         Spacingd(keys=keys, pixdim=list(target_spacing), mode=modes, padding_mode="border" if len(keys) == 1 else ("border", "border")),
         NormalizeFromPland(keys="image", schemes=schemes),
+    ]
+
+
+# ---- 2D: slices of volumes, the U-Net paper's border weights, UNet_Medical augmentation ---------
+
+class RandSliced(Randomizable, MapTransform):
+    """Turn a 3D (C, X, Y, Z) sample into one 2D slice along ``axis``; 2D samples pass unchanged.
+
+    With probability ``pos_fraction`` the slice is drawn among those whose label has foreground
+    (foreground oversampling), otherwise uniformly. All ``keys`` get the same slice.
+    """
+
+    def __init__(self, keys: KeysCollection, axis: int = 2, pos_fraction: float = 0.5, label_key: str = "label") -> None:
+        super().__init__(keys)
+        self.axis = axis
+        self.pos_fraction = pos_fraction
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        first = d[self.first_key(d)]
+        if first.ndim != 4:
+            return d
+        n = first.shape[1 + self.axis]
+        index = int(self.R.randint(n))
+        if self.label_key in d and self.R.rand() < self.pos_fraction:
+            lab = torch.as_tensor(d[self.label_key])
+            other = tuple(i for i in range(lab.ndim) if i != 1 + self.axis)
+            fg = torch.nonzero(lab.amax(dim=other) > 0).flatten().tolist()
+            if fg:
+                index = int(fg[int(self.R.randint(len(fg)))])
+        for key in self.key_iterator(d):
+            x = d[key]
+            sl = x.select(1 + self.axis, index)
+            d[key] = MetaTensor(sl.as_tensor() if isinstance(sl, MetaTensor) else sl) if isinstance(x, MetaTensor) else sl
+        return d
+
+
+def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> np.ndarray:
+    """The U-Net paper's pixel weights: class balance + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
+
+    ``label`` is a 2D integer map whose non-zero pixels are objects (cells); objects are its
+    connected components. d1 and d2 are, for each background pixel, the distances to the
+    nearest and second-nearest object; the border term makes thin separations between touching
+    objects count. Class-balance weights are n / (K * n_k) over the K classes present. Distances
+    are computed within 4 sigma of each object (beyond that the term is below e^-8).
+    """
+    from scipy import ndimage
+
+    lab = np.asarray(label)
+    if lab.ndim != 2:
+        raise ValueError(f"border_weight_map takes a 2D label, got shape {lab.shape}")
+    values, counts = np.unique(lab, return_counts=True)
+    weights = np.zeros(lab.shape, dtype=np.float32)
+    for v, c in zip(values, counts):
+        weights[lab == v] = lab.size / (len(values) * c)
+    objects, n = ndimage.label(lab > 0)
+    if n < 2:
+        return weights
+    reach = int(np.ceil(4 * sigma))
+    d1 = np.full(lab.shape, np.inf, dtype=np.float32)
+    d2 = np.full(lab.shape, np.inf, dtype=np.float32)
+    for i, sl in enumerate(ndimage.find_objects(objects), start=1):
+        if sl is None:
+            continue
+        box = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, size)) for s, size in zip(sl, lab.shape))
+        dist = ndimage.distance_transform_edt(objects[box] != i).astype(np.float32)
+        a, b = d1[box], d2[box]
+        closer = dist < a
+        b[:] = np.where(closer, a, np.minimum(b, dist))
+        a[:] = np.where(closer, dist, a)
+    border = np.where(np.isfinite(d2), w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2)), 0.0).astype(np.float32)
+    weights += np.where(lab == 0, border, 0.0).astype(np.float32)
+    return weights
+
+
+class BorderWeightd(MapTransform):
+    """Adds ``weight_key``: :func:`border_weight_map` of a channel-first label, 2D or per slice of 3D along ``axis``.
+
+    Deterministic, so a CacheDataset computes it once per case.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", weight_key: str = "weight", w0: float = 10.0, sigma: float = 5.0,
+                 axis: int = 2) -> None:
+        super().__init__(keys)
+        self.weight_key, self.w0, self.sigma, self.axis = weight_key, w0, sigma, axis
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = np.asarray(d[key])
+            if lab.ndim not in (3, 4) or lab.shape[0] != 1:
+                raise InputError(f"border weights need a single-channel 2D or 3D label, got shape {lab.shape}")
+            if lab.ndim == 3:
+                w = border_weight_map(lab[0], self.w0, self.sigma)[None]
+            else:
+                vol = np.moveaxis(lab[0], self.axis, 0)
+                w = np.moveaxis(np.stack([border_weight_map(s, self.w0, self.sigma) for s in vol]), 0, self.axis)[None]
+            d[self.weight_key] = MetaTensor(torch.as_tensor(w), meta=dict(getattr(d[key], "meta", {})))
+        return d
+
+
+def zscore_image(keys: str = "image") -> list:
+    """Per-image, per-channel z-score over all pixels (EM / photographs: zero is a real intensity), float32."""
+    return [NormalizeIntensityd(keys=keys, nonzero=False, channel_wise=True), EnsureTyped(keys=keys, dtype=torch.float32)]
+
+
+def unet2d_augmentation(roi_size: Sequence[int], keys: Sequence[str] = ("image", "label")) -> list:
+    """UNet_Medical / U-Net paper augmentation for 2D: flips, rotation, elastic deformation, crop-and-resize, brightness.
+
+    Spatial steps apply to every key in ``keys`` (labels and weights with nearest interpolation).
+    Elastic deformation follows the paper: random displacements on a coarse grid (control
+    points half a window apart, ~10 px), smoothly interpolated.
+    """
+    keys = list(keys)
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    spacing = tuple(max(int(s) // 2, 8) for s in roi_size)
+    return [
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+        RandRotate90d(keys=keys, prob=0.5, max_k=3),
+        Rand2DElasticd(keys=keys, prob=0.5, spacing=spacing, magnitude_range=(5.0, 10.0), mode=modes, padding_mode="reflection"),
+        RandZoomd(keys=keys, prob=0.5, min_zoom=1.0, max_zoom=1.25, keep_size=True,
+                  mode=["bilinear" if k == "image" else "nearest" for k in keys]),
+        RandShiftIntensityd(keys="image", offsets=0.2, prob=0.5),
+        RandScaleIntensityd(keys="image", factors=0.2, prob=0.5),
     ]
