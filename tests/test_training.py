@@ -102,7 +102,7 @@ def test_unknown_model_name_stops_server_start(tmp_path: Path, require_data: Non
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=str(ROOT))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "unet9d" in out and "valid names are: unet3d" in out
+    assert "unet9d" in out and "valid names are: unet2d, unet3d, nnunet, nnunet2d" in out
 
 
 def test_bad_label_in_datastore_fails_training_with_named_file(tmp_path: Path, require_data: None) -> None:

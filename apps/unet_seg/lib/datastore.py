@@ -84,4 +84,6 @@ class ValidatingDatastore(LocalDatastore):
             shape = nib.load(path).shape
             return tuple(shape[:3]) if len(shape) == 4 else tuple(shape)
         arr = LoadImage(image_only=True)(path)
+        if path.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")) and arr.ndim == 3:
+            return tuple(arr.shape[:2])  # colour photo: drop the RGB(A) axis
         return tuple(arr.shape)

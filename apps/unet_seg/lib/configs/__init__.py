@@ -8,7 +8,7 @@ import inspect
 from monailabel.interfaces.config import TaskConfig
 
 # Config names the app knows, in the order /info lists them. A name maps to lib/configs/<name>.py.
-CONFIG_NAMES: tuple[str, ...] = ("unet3d", "nnunet", "nnunet2d")
+CONFIG_NAMES: tuple[str, ...] = ("unet2d", "unet3d", "nnunet", "nnunet2d")
 
 
 def load_config_class(name: str) -> type[TaskConfig]:

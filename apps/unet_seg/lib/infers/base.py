@@ -222,8 +222,13 @@ class SegInferTask(BasicInferTask):
         if not data.get("result_extension"):
             path = data.get("image_path")
             ext = ".nii.gz"
-            if isinstance(path, str) and path.endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")):
-                ext = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+            lower = path.lower() if isinstance(path, str) else ""
+            if lower.endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")):
+                ext = ".nii.gz" if lower.endswith(".nii.gz") else os.path.splitext(lower)[1]
+            elif lower.endswith((".png", ".jpg", ".jpeg", ".bmp")):
+                ext = ".png"  # lossless, whatever the image's format
+            elif lower.endswith((".tif", ".tiff")):
+                ext = ".tif"
             data["result_extension"] = ext
         data.setdefault("result_dtype", "uint8" if len(self.labels) < 255 else "int16")
         label_file, result = super().writer(data, extension, dtype)

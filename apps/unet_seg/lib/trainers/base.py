@@ -346,7 +346,7 @@ class SegTrainTask(BasicTrainTask):
             engine.optimizer.zero_grad(set_to_none=True)
             with policy.autocast():
                 pred = engine.inferer(inputs, engine.network)
-                loss = engine.loss_function(pred, targets).mean()
+                loss = self.compute_loss(engine, pred, targets, batchdata).mean()
             # deep-supervision nets stack their heads as (B, heads, C, ...): metrics use the first
             engine.state.output[Keys.PRED] = pred[:, 0] if pred.ndim == inputs.ndim + 1 else pred
             engine.state.output[Keys.LOSS] = loss
@@ -367,6 +367,10 @@ class SegTrainTask(BasicTrainTask):
             return engine.state.output
 
         return step
+
+    def compute_loss(self, engine: Engine, pred: torch.Tensor, targets: torch.Tensor, batchdata: dict) -> torch.Tensor:
+        """The training loss of one batch (override to use more of the batch, e.g. pixel weights)."""
+        return engine.loss_function(pred, targets)
 
     def slice_axis(self, context: Context) -> int | None:
         """For 2D models on volumes: the axis slices are taken along (None for a 3D model)."""
