@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -104,6 +105,17 @@ class Server:
         raise TimeoutError(f"training still running after {timeout}s: {status}")
 
 
+@contextlib.contextmanager
+def running_server(studies: Path, conf: dict[str, str], log: Path) -> Iterator[Server]:
+    """Start a real server, wait until /info answers, stop it afterwards."""
+    srv = Server(studies, conf, log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
 TINY_CONF = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "mlflow"}
 
 
@@ -112,9 +124,5 @@ def server(tmp_path_factory: pytest.TempPathFactory, require_data: None) -> Iter
     base = tmp_path_factory.mktemp("server")
     studies = make_studies(base / "studies", labelled=HIPPO_IDS[:3], unlabelled=HIPPO_IDS[3:])
     conf = dict(TINY_CONF, model_dir=str(base / "model"))
-    srv = Server(studies, conf, base / "server.log")
-    try:
-        srv.wait_ready()
+    with running_server(studies, conf, base / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()

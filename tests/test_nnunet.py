@@ -4,7 +4,6 @@ and end-to-end training and inference through a REAL server with a tiny plan (3D
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from conftest import APP_DIR, HIPPO_IDS, Server, hippo_case, make_studies
+from conftest import APP_DIR, HIPPO_IDS, Server, hippo_case, make_studies, running_server
 
 TINY_NN = {"base_filters": "4", "max_filters": "16", "max_patch_voxels": str(16**3), "max_epochs": "2",
            "iterations_per_epoch": "3", "tracking": "none"}
@@ -125,12 +124,9 @@ def test_empty_label_and_wrong_channels_fail_clearly(tmp_path: Path, require_dat
 def nn_server(tmp_path_factory: pytest.TempPathFactory, require_data: None):
     base = tmp_path_factory.mktemp("nnserver")
     studies = make_studies(base / "studies", labelled=HIPPO_IDS[:3], unlabelled=HIPPO_IDS[3:])
-    srv = Server(studies, dict(TINY_NN, models="nnunet,nnunet2d", model_dir=str(base / "model"), tracking="mlflow"), base / "server.log")
-    try:
-        srv.wait_ready()
+    conf = dict(TINY_NN, models="nnunet,nnunet2d", model_dir=str(base / "model"), tracking="mlflow")
+    with running_server(studies, conf, base / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("model", ["nnunet", "nnunet2d"])

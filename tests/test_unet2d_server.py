@@ -15,7 +15,7 @@ import requests
 import tifffile
 from PIL import Image
 
-from conftest import DATA, Server
+from conftest import DATA, Server, running_server
 
 ISBI = DATA / "isbi2012" / "train"
 
@@ -42,12 +42,8 @@ def server2d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         shutil.copy(ISBI / "label" / f"{i}.png", studies / "labels" / "final" / f"isbi_{i}.png")
     shutil.copy(ISBI / "image" / "3.png", studies / "isbi_3.png")
     conf = {"models": "unet2d", "preset": "tiny", "roi_size": "64", "tracking": "none", "model_dir": str(base / "model")}
-    srv = Server(studies, conf, base / "server.log")
-    try:
-        srv.wait_ready()
+    with running_server(studies, conf, base / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def infer(server: Server, image_id: str, **params: object) -> requests.Response:

@@ -252,6 +252,11 @@ class UNet2D(torch.nn.Module):
         self.up = torch.nn.ModuleList([torch.nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2) for i in reversed(range(spec.depth))])
         self.decode = torch.nn.ModuleList([_DoubleConv(2 * f[i], f[i], pad, spec.batch_norm) for i in reversed(range(spec.depth))])
         self.head = torch.nn.Conv2d(f[0], spec.out_channels, 1)
+        for m in self.modules():  # the paper: Gaussian weights with std sqrt(2 / fan-in) (He)
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
 
     def valid_output_size(self, size: int) -> int | None:
         """Output size of the unpadded network for an input size (None if a pooling would see an odd size)."""
