@@ -139,3 +139,27 @@ def test_label_map_parsing() -> None:
     assert parse_label_map("none") == {}
     with pytest.raises(ConfError, match="pairs"):
         parse_label_map("255")
+
+
+def test_weighted_loss_and_sgd_train_in_process(tmp_path) -> None:
+    """The paper's options (border-weighted CE, SGD momentum 0.99) train and are recorded in the published meta."""
+    from PIL import Image
+
+    from conftest import APP_DIR, DATA
+    from main import UNetSegApp
+
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i in (0, 1, 2):
+        img = np.asarray(Image.open(DATA / "isbi2012" / "train" / "image" / f"{i}.png"))[:96, :96]
+        lab = np.asarray(Image.open(DATA / "isbi2012" / "train" / "label" / f"{i}.png"))[:96, :96]
+        Image.fromarray(img).save(studies / f"em{i}.png")
+        Image.fromarray(lab).save(studies / "labels" / "final" / f"em{i}.png")
+    app = UNetSegApp(str(APP_DIR), str(studies), {"models": "unet2d", "preset": "tiny", "roi_size": "32",
+                                                   "tracking": "none", "model_dir": str(tmp_path / "model")})
+    stats = app.train({"model": "unet2d", "max_epochs": 1, "loss": "weighted_ce_dice", "optimizer": "sgd", "val_split": 0.34})
+    meta = torch.load(tmp_path / "model" / "unet2d.pt", weights_only=True)["meta"]
+    assert meta["loss"] == "weighted_ce_dice" and meta["label_map"] == {"255": 1}
+    assert stats["val_cases"] == 1 and "cell" in stats["val_dice_per_class"]
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        app.train({"model": "unet2d", "max_epochs": 1, "loss": "focal"})
