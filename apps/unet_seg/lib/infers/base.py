@@ -21,6 +21,7 @@ from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
@@ -172,8 +173,8 @@ class SegInferTask(BasicInferTask):
     def inferer(self, data: Any = None) -> Any:
         raise NotImplementedError("SegInferTask runs the shared engine in run_inferer")
 
-    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
-        dev = torch.device(device)
+    def compute_probabilities(self, data: dict[str, Any], dev: torch.device) -> tuple[torch.Tensor, dict, dict[str, Any]]:
+        """Softmax probabilities ``(1, K, ...)`` of the pre-processed image (ensemble summed), the serving meta, run info."""
         net, meta = self.load_network(dev)
         members = [(net, meta)]
         if parse_bool(data.get("ensemble", False), "ensemble"):
@@ -193,6 +194,34 @@ class SegInferTask(BasicInferTask):
                 tta=tta, amp=policy, device=dev,
             )
             probs = p if probs is None else probs + p
+        assert probs is not None
+        info = {"tta": tta, "amp": policy.describe(), "roi_size": list(roi), "model_version": meta.get("version"), "ensemble": len(members)}
+        return probs / len(members), meta, info
+
+    def save_probabilities(self, image: Any, path: str, request: dict[str, Any]) -> str:
+        """Write the softmax probabilities of ``image`` in its ORIGINAL geometry as NIfTI (channels last); returns ``path``."""
+        import nibabel as nib
+
+        if not self.is_valid():
+            raise ModelNotReady(self.not_ready_reason())
+        dev = resolve_device(request.get("device"))
+        data = self.run_pre_transforms({**request, self.input_key: image}, self.pre_transforms())
+        probs, _, _ = self.compute_probabilities(data, dev)
+        source = data[self.input_key]
+        out: Any = probs[0].cpu()
+        if isinstance(source, MetaTensor):
+            out = MetaTensor(out, meta=dict(source.meta), applied_operations=list(source.applied_operations))
+            if out.applied_operations:
+                out = Invertd(keys="probs", transform=Compose(data["_pre_transforms"]), orig_keys=self.input_key,
+                              nearest_interp=False, to_tensor=True)({"probs": out, self.input_key: source})["probs"]
+        arr = np.moveaxis(np.asarray(out, dtype=np.float32), 0, -1)
+        affine = np.asarray(out.affine) if isinstance(out, MetaTensor) and out.affine.shape == (4, 4) else np.eye(4)
+        nib.save(nib.Nifti1Image(arr, affine), path)
+        return path
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict[str, Any]:
+        dev = torch.device(device)
+        probs, meta, info = self.compute_probabilities(data, dev)
         label = torch.argmax(probs, dim=1).to(torch.uint8 if len(self.labels) < 255 else torch.int16).cpu()
         lcc = []
         if parse_bool(data.get("postprocess", True), "postprocess"):
@@ -202,8 +231,7 @@ class SegInferTask(BasicInferTask):
         if isinstance(source, MetaTensor):
             label = MetaTensor(label, meta=dict(source.meta), applied_operations=list(source.applied_operations))
         data[self.output_label_key] = label
-        data["_infer_info"] = {"tta": tta, "amp": policy.describe(), "roi_size": list(roi), "model_version": meta.get("version"),
-                               "ensemble": len(members), "largest_component": lcc}
+        data["_infer_info"] = {**info, "largest_component": lcc}
         return data
 
     def run_pre_transforms(self, data: dict[str, Any], transforms: Sequence[Any]) -> dict[str, Any]:

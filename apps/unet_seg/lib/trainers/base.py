@@ -168,6 +168,30 @@ class PublishModel:
         self.task = task
         self.context = context
         self.last_seen: tuple[float, int] | None = None
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.started = time.time()
+
+    def on_iteration(self, engine: Engine) -> None:
+        """Accumulate the training loss of the current epoch (for the per-epoch history)."""
+        out = engine.state.output
+        loss = out.get(Keys.LOSS) if isinstance(out, dict) else None
+        if loss is not None:
+            self.loss_sum += float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
+            self.loss_count += 1
+
+    def history_entry(self, per_class: dict[str, float | None], val_mean: float | None) -> dict[str, Any]:
+        """One row of the per-epoch history (loss, validation Dice, learning rate, elapsed time); resets the loss sum."""
+        ctx = self.context
+        entry = {
+            "epoch": int(ctx.trainer.state.epoch),
+            "train_loss": self.loss_sum / self.loss_count if self.loss_count else None,
+            "val_mean_dice": val_mean,
+            "val_dice_per_class": per_class,
+            "lr": float(ctx.optimizer.param_groups[0]["lr"]) if ctx.optimizer else None,
+            "seconds": round(time.time() - self.started, 2),
+        }
+        self.loss_sum, self.loss_count = 0.0, 0
+        return entry
 
     def __call__(self, engine: Engine) -> None:
         ctx, task = self.context, self.task
@@ -198,7 +222,11 @@ class PublishModel:
                 write_checkpoint_atomic(task.published_path, state, meta)
                 logger.info(f"Published {task.published_path} (epoch {meta['epoch']}, val mean Dice {val_mean})")
         stats = task.stats()
+        history = [h for h in stats.get("history", []) if stats.get("history_run_id") == ctx.run_id]
+        history.append(self.history_entry(per_class, val_mean))
         stats.update({
+            "history_run_id": ctx.run_id,
+            "history": history,
             "model": task.model_name,
             "val_dice_per_class": per_class,
             "val_mean_dice": val_mean,
@@ -478,7 +506,18 @@ class SegTrainTask(BasicTrainTask):
 
     def _run(self, req: dict, datalist: list, world_size: int, device: torch.device) -> dict:
         """Train in this process or in ``world_size`` spawned ones; returns the stats."""
-        if world_size > 1:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and "RANK" in os.environ:  # started by torchrun: join its env:// rendezvous
+            rank = int(os.environ["RANK"])
+            req["multi_gpu"] = True
+            req["distributed_backend"] = "nccl" if device.type == "cuda" else "gloo"
+            req["distributed_url"] = "env://"
+            if device.type == "cpu":
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // launched))
+            logger.info(f"torchrun: rank {rank} of {launched}, backend {req['distributed_backend']}")
+            self.train(rank, launched, req, datalist)
+            result = self.stats()
+        elif world_size > 1:
             req["multi_gpu"] = True
             req["distributed_backend"] = "nccl" if device.type == "cuda" else "gloo"
             req["distributed_url"] = f"tcp://127.0.0.1:{free_port()}"
@@ -539,9 +578,16 @@ class SegTrainTask(BasicTrainTask):
 
     def finalize(self, context: Context) -> None:
         super().finalize(context)
+        max_steps = parse_int(context.request.get("max_steps", 0) or 0, "max_steps")
+        if max_steps > 0:  # every rank stops after this many optimisation steps in total (validated first)
+            context.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda e: e.terminate_epoch())
+            context.trainer.add_event_handler(
+                Events.EPOCH_COMPLETED, lambda e: e.terminate() if e.state.iteration >= max_steps else None)
         if context.local_rank == 0:
             engine = context.evaluator or context.trainer
-            engine.add_event_handler(Events.EPOCH_COMPLETED, PublishModel(self, context))
+            publisher = PublishModel(self, context)
+            context.trainer.add_event_handler(Events.ITERATION_COMPLETED, publisher.on_iteration)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, publisher)
             if self.search_postprocessing and context.evaluator:
                 context.trainer.add_event_handler(Events.COMPLETED, lambda _: self.choose_postprocessing(context))
 

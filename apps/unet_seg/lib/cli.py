@@ -1,0 +1,396 @@
+"""The standalone command line (``python main.py MODE ...``) over the same configs, trainers, engine and metrics as the server.
+
+Every mode works in a ``--results`` folder:
+
+* ``model/``        the model dir (published ``<config>.pt``, split/plan files, train stats)
+* ``studies/``      symlinks of the labelled cases, the layout the server's trainer reads
+* ``predictions/``  label files (original geometry), ``*_probs.nii.gz`` with ``--save_probs``
+* ``eval.json``, ``eval.csv``, ``benchmark.json``, ``export/``, ``plots/``
+
+Training builds the MONAI Label app on ``studies/`` and calls its trainer exactly like
+``POST /train/<config>``; predict and evaluate call its inferer like ``POST /infer/<config>``.
+Multi-process training: ``--world_size N`` spawns N processes (gloo on CPU, NCCL on CUDA), or
+launch with ``torchrun --nproc_per_node N main.py train ...`` (env:// rendezvous).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .conf import ConfError
+from .configs import CONFIG_NAMES
+from .datasets import Case, DatasetError, label_names, link_studies, load_cases
+
+MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export")
+APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CliError(RuntimeError):
+    """A user-facing error: printed without a trace, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of every mode, documented in ``--help``."""
+    p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", choices=MODES, help="what to run (or --exec_mode)")
+    p.add_argument("--exec_mode", choices=MODES, help="same as the positional MODE (NVIDIA reference spelling)")
+    p.add_argument("--config", required=True, help=f"model config: {', '.join(CONFIG_NAMES)}")
+    p.add_argument("--data", help="MSD-style folder with dataset.json, or a folder with images/ and labels/")
+    p.add_argument("--results", required=True, help="output folder (model/, predictions/, eval.json, ...)")
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="config key as for the server's --conf (e.g. preset=small, roi_size=40,56,40, labels=a,b); repeatable")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimisation steps in total (0: no limit)")
+    g.add_argument("--batch_size", default=None, help="training batch size; benchmark: a comma list, e.g. 1,2,4")
+    g.add_argument("--learning_rate", type=float, default=None, help="learning rate (default: the config's)")
+    g.add_argument("--fold", type=int, default=None, help="train fold k of a persisted k-fold split (model/<config>_folds.json)")
+    g.add_argument("--nfolds", type=int, default=5, help="number of folds with --fold")
+    g.add_argument("--val_split", type=float, default=0.2, help="validation fraction of the persisted single split")
+    g.add_argument("--seed", type=int, default=0, help="split and sampling seed")
+    g.add_argument("--resume_training", action="store_true",
+                   help="start from the published weights in --results (or --ckpt) after an interruption; the split is kept")
+    g.add_argument("--world_size", type=int, default=1, help="processes (gloo on CPU, NCCL on CUDA); torchrun also works")
+    g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--iterations_per_epoch", type=int, default=None, help="nnU-Net: batches per epoch")
+    g = p.add_argument_group("inference")
+    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate/predict/export/benchmark (default: results/model/<config>.pt)")
+    g.add_argument("--tta", action="store_true", help="flip test-time augmentation over every axis combination")
+    g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    g.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian", help="window blending")
+    g.add_argument("--save_preds", action="store_true", help="evaluate: keep the predicted label files")
+    g.add_argument("--save_probs", action="store_true", help="predict: also write softmax probability maps")
+    g.add_argument("--split", default="auto", help="evaluate: 'validation' (the persisted split), 'all' labelled cases, or 'auto'")
+    g = p.add_argument_group("both")
+    g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA; bf16 on CPUs with native bf16)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--bench_mode", "--benchmark_mode", dest="bench_mode", choices=("train", "predict"), default="predict")
+    g.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first")
+    g.add_argument("--bench_steps", type=int, default=10, help="timed steps")
+    g = p.add_argument_group("export")
+    g.add_argument("--formats", default="torchscript,onnx", help="comma list: torchscript, onnx")
+    g.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed between exported and PyTorch outputs")
+    return p
+
+
+def parse_conf(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs from --conf."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise CliError(f"--conf {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+class Workspace:
+    """The --results folder and the app built on it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.config not in CONFIG_NAMES:
+            raise CliError(f"unknown --config {args.config!r}; valid: {', '.join(CONFIG_NAMES)}")
+        self.args = args
+        self.results = os.path.abspath(args.results)
+        self.model_dir = os.path.join(self.results, "model")
+        self.studies = os.path.join(self.results, "studies")
+        os.makedirs(self.model_dir, exist_ok=True)
+        os.makedirs(self.studies, exist_ok=True)
+        self.conf: dict[str, str] = {"models": args.config, "model_dir": self.model_dir, "tracking": "none"}
+        if args.data:
+            names = label_names(args.data)
+            if names:
+                self.conf["labels"] = ",".join(names)
+        self.conf.update(self._conf_from_checkpoint())
+        self.conf.update(parse_conf(args.conf))
+        self._app: Any = None
+
+    @property
+    def checkpoint(self) -> str:
+        """The checkpoint inference modes use."""
+        return os.path.abspath(self.args.ckpt) if self.args.ckpt else os.path.join(self.model_dir, f"{self.args.config}.pt")
+
+    def _conf_from_checkpoint(self) -> dict[str, str]:
+        """Conf that makes the config match a given --ckpt (labels, channels, network size, window)."""
+        if not self.args.ckpt:
+            return {}
+        from .checkpoints import read_meta
+        from .networks import UNET2D_PRESETS, UNET3D_PRESETS
+
+        if not os.path.exists(self.args.ckpt):
+            raise CliError(f"--ckpt {self.args.ckpt} does not exist")
+        meta = read_meta(self.args.ckpt)
+        if meta.get("model") not in (None, self.args.config):
+            raise CliError(f"--ckpt {self.args.ckpt} is a '{meta.get('model')}' model, not '{self.args.config}'")
+        conf = {"labels": json.dumps(meta["labels"]), "modalities": str(meta["in_channels"]),
+                "pretrained": os.path.abspath(self.args.ckpt)}
+        spec = meta.get("spec", {})
+        presets = UNET3D_PRESETS if self.args.config == "unet3d" else UNET2D_PRESETS if self.args.config == "unet2d" else {}
+        for name, values in presets.items():
+            if all(spec.get(k) == v for k, v in values.items()):
+                conf["preset"] = name
+        if self.args.config in ("unet3d", "unet2d"):
+            conf["roi_size"] = ",".join(str(s) for s in meta["roi_size"])
+        if self.args.config == "unet2d":
+            conf["padding"] = spec.get("padding", "same")
+            conf["batch_norm"] = str(spec.get("batch_norm", False)).lower()
+        return conf
+
+    def app(self) -> Any:
+        """The MONAI Label app on studies/ (built once)."""
+        if self._app is None:
+            os.environ.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
+            if APP_DIR not in sys.path:
+                sys.path.insert(0, APP_DIR)
+            from main import UNetSegApp  # apps/unet_seg/main.py (APP_DIR is first on sys.path)
+
+            try:
+                self._app = UNetSegApp(APP_DIR, self.studies, self.conf)
+            except (ValueError, ConfError) as e:
+                raise CliError(str(e)) from e
+        return self._app
+
+    def cases(self, split: str = "training") -> list[Case]:
+        if not self.args.data:
+            raise CliError("--data is required for this mode")
+        try:
+            return load_cases(self.args.data, split)
+        except DatasetError as e:
+            raise CliError(str(e)) from e
+
+
+# ---- modes -------------------------------------------------------------------------------------
+
+def mode_plan(ws: Workspace) -> dict:
+    """nnU-Net: fingerprint the labelled cases and write the plan; other configs: print their fixed settings."""
+    args = ws.args
+    cases = [c for c in ws.cases() if c.label]
+    if args.config.startswith("nnunet"):
+        trainer = ws.app()._trainers[args.config]
+        datalist = [{"image": c.image, "label": c.label} for c in cases]
+        plan = trainer.make_plan(datalist, replan=True)
+        print(json.dumps({k: plan[k] for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides", "filters")}, indent=2))
+        return {"plan": trainer.plan_path}
+    info = ws.app().info()["trainers"][args.config]
+    print(json.dumps(info.get("config", {}), indent=2, default=str))
+    return {"config": info.get("config", {})}
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError as e:
+        raise CliError(f"--batch_size {text!r}: expected an integer or a comma list of integers") from e
+    if not sizes or min(sizes) < 1:
+        raise CliError(f"--batch_size {text!r}: sizes must be >= 1")
+    return sizes
+
+
+def train_request(args: argparse.Namespace) -> dict:
+    """The /train request the flags describe."""
+    req: dict[str, Any] = {"model": args.config, "amp": bool(args.amp), "device": args.device, "world_size": args.world_size,
+                           "val_split": args.val_split, "split_seed": args.seed, "pretrained": bool(args.resume_training),
+                           "train_num_workers": args.num_workers, "val_num_workers": args.num_workers}
+    batch = _batch_sizes(args.batch_size)[0] if args.batch_size else None
+    for key, value in (("max_epochs", args.epochs), ("train_batch_size", batch), ("learning_rate", args.learning_rate),
+                       ("iterations_per_epoch", args.iterations_per_epoch)):
+        if value is not None:
+            req[key] = value
+    if args.max_steps:
+        req["max_steps"] = args.max_steps
+    if args.fold is not None:
+        req.update({"fold": args.fold, "nfolds": args.nfolds})
+    return req
+
+
+def mode_train(ws: Workspace) -> dict:
+    """Link the labelled cases into studies/ and run the app's trainer; write curves."""
+    n = link_studies(ws.cases(), ws.studies)
+    if n == 0:
+        raise CliError(f"{ws.args.data}: no labelled cases to train on")
+    if not ws.args.resume_training:
+        for name in (f"{ws.args.config}.pt",):  # a fresh run does not silently continue an old model
+            path = os.path.join(ws.model_dir, name)
+            if os.path.exists(path) and not ws.args.ckpt:
+                os.replace(path, path + ".previous")
+    start = time.time()
+    stats = ws.app().train(train_request(ws.args))
+    stats["wall_time_s"] = round(time.time() - start, 1)
+    if os.environ.get("RANK", "0") == "0":
+        from .plots import plot_history
+
+        written = plot_history(stats.get("history", []), os.path.join(ws.results, "plots"), ws.args.config)
+        stats["plots"] = written
+        print(json.dumps({k: stats.get(k) for k in ("train_cases", "val_cases", "val_dice_per_class", "published", "wall_time_s", "plots")},
+                         indent=2, default=str))
+    return stats
+
+
+def _require_model(ws: Workspace) -> None:
+    if not os.path.exists(ws.checkpoint):
+        raise CliError(f"no model at {ws.checkpoint}: run 'main.py train' first or pass --ckpt")
+
+
+def infer_request(args: argparse.Namespace, image: Any) -> dict:
+    """The /infer request the flags describe."""
+    return {"model": args.config, "image": image, "tta": bool(args.tta), "overlap": args.overlap, "blend": args.blend,
+            "amp": bool(args.amp), "device": args.device}
+
+
+def _predict_one(ws: Workspace, case: Case, out_dir: str) -> str:
+    image = case.image
+    res = ws.app().infer(infer_request(ws.args, image))
+    src = res["file"]
+    ext = ".nii.gz" if src.endswith(".nii.gz") else os.path.splitext(src)[1]
+    dst = os.path.join(out_dir, f"{case.name}{ext}")
+    tmp = dst + ".part" + ext
+    shutil.move(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def mode_predict(ws: Workspace) -> dict:
+    """Label files (original geometry) for every image of the test list (MSD) or images/ folder, with a progress bar."""
+    from tqdm import tqdm
+
+    _require_model(ws)
+    try:
+        cases = load_cases(ws.args.data, "test")
+    except DatasetError:
+        cases = ws.cases()
+    out_dir = os.path.join(ws.results, "predictions")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    task = ws.app()._infers[ws.args.config]
+    for case in tqdm(cases, desc="predict", unit="image"):
+        written.append(_predict_one(ws, case, out_dir))
+        if ws.args.save_probs:
+            written.append(task.save_probabilities(case.image, os.path.join(out_dir, f"{case.name}_probs.nii.gz"),
+                                                   infer_request(ws.args, case.image)))
+    print(f"{len(cases)} prediction(s) in {out_dir}")
+    return {"predictions": written}
+
+
+def _evaluation_cases(ws: Workspace) -> list[Case]:
+    labelled = [c for c in ws.cases() if c.label]
+    if not labelled:
+        raise CliError(f"{ws.args.data}: no labelled cases to evaluate on")
+    split = ws.args.split
+    split_file = os.path.join(ws.model_dir, f"{ws.args.config}_split.json")
+    if split in ("validation", "auto") and os.path.exists(split_file) and not ws.args.ckpt:
+        with open(split_file, encoding="utf-8") as f:
+            val = set(json.load(f)["validation"])
+        chosen = [c for c in labelled if os.path.basename(c.image if isinstance(c.image, str) else c.image[0]) in val]
+        if chosen:
+            return chosen
+    if split == "validation":
+        raise CliError(f"no persisted validation split in {split_file}")
+    return labelled
+
+
+def mode_evaluate(ws: Workspace) -> dict:
+    """Predict each labelled case and score it: Dice, HD95 per class, BraTS regions, ISBI scores; JSON + CSV."""
+    from monai.transforms import LoadImage
+    from tqdm import tqdm
+
+    from .evaluation import evaluate_case, summarise, write_results
+
+    _require_model(ws)
+    cases = _evaluation_cases(ws)
+    labels = dict(ws.app()._infers[ws.args.config].labels)
+    label_map = {int(k): v for k, v in (ws.app()._infers[ws.args.config].load_network(__import__("torch").device("cpu"))[1]
+                                         .get("label_map") or {}).items()}
+    pred_dir = os.path.join(ws.results, "predictions")
+    os.makedirs(pred_dir, exist_ok=True)
+    loader = LoadImage(image_only=True)
+    rows = []
+    for case in tqdm(cases, desc="evaluate", unit="case"):
+        path = _predict_one(ws, case, pred_dir)
+        pred = np.asarray(loader(path))
+        ref_img = loader(case.label)
+        ref = np.rint(np.asarray(ref_img)).astype(np.int64)
+        for src, dst in label_map.items():
+            ref[ref == src] = dst
+        if pred.shape != ref.shape:
+            raise CliError(f"{case.label}: reference shape {ref.shape} differs from the prediction's {pred.shape} (image {case.image})")
+        affine = np.asarray(getattr(ref_img, "affine", np.eye(4)))
+        spacing = np.linalg.norm(affine[: pred.ndim, : pred.ndim], axis=0) if affine.shape[0] > pred.ndim else None
+        row = {"case": case.name, **evaluate_case(pred, ref, labels, spacing)}
+        rows.append(row)
+        if not ws.args.save_preds:
+            os.remove(path)
+    summary = summarise(rows)
+    write_results(rows, summary, os.path.join(ws.results, "eval.json"), os.path.join(ws.results, "eval.csv"))
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Markdown table of the evaluation means."""
+    lines = ["| metric | mean | cases |", "|---|---|---|"]
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            mean = "n/a" if value["mean"] is None else f"{value['mean']:.4f}"
+            lines.append(f"| {key} | {mean} | {value['n']} |")
+    return "\n".join(lines)
+
+
+def mode_benchmark(ws: Workspace) -> dict:
+    """Throughput and latency of the config's network (train step or prediction) per batch size and AMP setting."""
+    from .benchmark import run_benchmark
+
+    task = ws.app()._infers[ws.args.config]
+    sizes = _batch_sizes(ws.args.batch_size or "1")
+    result = run_benchmark(ws, task, ws.args.bench_mode, sizes, ws.args.warmup_steps, ws.args.bench_steps, ws.args.device)
+    with open(os.path.join(ws.results, "benchmark.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(result["table"])
+    return result
+
+
+def mode_export(ws: Workspace) -> dict:
+    """TorchScript and ONNX files of the served network, each checked against PyTorch."""
+    from .export import export_model
+
+    _require_model(ws)
+    task = ws.app()._infers[ws.args.config]
+    formats = [f.strip() for f in ws.args.formats.split(",") if f.strip()]
+    result = export_model(task, os.path.join(ws.results, "export"), formats, ws.args.tolerance)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+HANDLERS = {"plan": mode_plan, "train": mode_train, "evaluate": mode_evaluate, "predict": mode_predict,
+            "benchmark": mode_benchmark, "export": mode_export}
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: returns the process exit code (2 for user errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mode = args.mode or args.exec_mode
+    if not mode:
+        parser.error("give a mode (plan, train, evaluate, predict, benchmark, export) or --exec_mode")
+    if args.mode and args.exec_mode and args.mode != args.exec_mode:
+        parser.error(f"mode {args.mode!r} and --exec_mode {args.exec_mode!r} disagree")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)5s](%(name)s) - %(message)s")
+    try:
+        ws = Workspace(args)
+        HANDLERS[mode](ws)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, ConfError) as e:  # InputError and friends: bad data or flags, named in the message
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return 0
