@@ -218,11 +218,6 @@ def mode_train(ws: Workspace) -> dict:
     n = link_studies(ws.cases(), ws.studies)
     if n == 0:
         raise CliError(f"{ws.args.data}: no labelled cases to train on")
-    if not ws.args.resume_training:
-        for name in (f"{ws.args.config}.pt",):  # a fresh run does not silently continue an old model
-            path = os.path.join(ws.model_dir, name)
-            if os.path.exists(path) and not ws.args.ckpt:
-                os.replace(path, path + ".previous")
     start = time.time()
     stats = ws.app().train(train_request(ws.args))
     stats["wall_time_s"] = round(time.time() - start, 1)

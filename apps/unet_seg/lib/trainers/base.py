@@ -170,10 +170,13 @@ class PublishModel:
         self.last_seen: tuple[float, int] | None = None
         self.loss_sum, self.loss_count = 0.0, 0
         self.started = time.time()
+        self.history: list[dict[str, Any]] = []  # this run's epochs (MONAI Label rewrites the stats file between them)
 
     def on_iteration(self, engine: Engine) -> None:
         """Accumulate the training loss of the current epoch (for the per-epoch history)."""
         out = engine.state.output
+        if isinstance(out, (list, tuple)) and out:  # MONAI decollates the batch: every item carries the loss
+            out = out[0]
         loss = out.get(Keys.LOSS) if isinstance(out, dict) else None
         if loss is not None:
             self.loss_sum += float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
@@ -217,16 +220,15 @@ class PublishModel:
                     "world_size": max(ctx.world_size, 1),
                     "published_at": now_iso(),
                     "version": f"{ctx.run_id}-e{int(ctx.trainer.state.epoch)}",
+                    "initialised_from": getattr(task, "_initialised_from", None),
                 })
                 meta.update(task.extra_meta(ctx))
                 write_checkpoint_atomic(task.published_path, state, meta)
                 logger.info(f"Published {task.published_path} (epoch {meta['epoch']}, val mean Dice {val_mean})")
         stats = task.stats()
-        history = [h for h in stats.get("history", []) if stats.get("history_run_id") == ctx.run_id]
-        history.append(self.history_entry(per_class, val_mean))
+        self.history.append(self.history_entry(per_class, val_mean))
         stats.update({
-            "history_run_id": ctx.run_id,
-            "history": history,
+            "history": self.history,
             "model": task.model_name,
             "val_dice_per_class": per_class,
             "val_mean_dice": val_mean,
@@ -549,6 +551,7 @@ class SegTrainTask(BasicTrainTask):
 
     def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
         """Fine-tune from the published model (or the configured pretrained file) when compatible."""
+        self._initialised_from = None
         if not parse_bool(pretrained, "pretrained"):
             return None
         for path in (self.published_path, self.pretrained_path):
@@ -564,6 +567,7 @@ class SegTrainTask(BasicTrainTask):
                     reason = "network spec differs from the current config"
                 if reason is None:
                     logger.info(f"Initialising from {path} (version {meta.get('version')})")
+                    self._initialised_from = meta.get("version")
                     return path
                 logger.info(f"Not initialising from {path}: {reason}")
         return None
