@@ -23,21 +23,14 @@ APP_DIR = os.path.join(ROOT, "apps", "unet_seg")
 
 
 def build_studies(data: str, studies: str, limit: int | None, seed: int) -> int:
-    """Symlink the MSD training cases into a MONAI Label studies layout; returns the case count."""
-    with open(os.path.join(data, "dataset.json"), encoding="utf-8") as f:
-        ds = json.load(f)
-    items = list(ds["training"])
+    """Symlink the MSD training cases (a seeded random ``limit`` of them) into a studies layout; returns the count."""
+    sys.path.insert(0, APP_DIR)
+    from lib.datasets import link_studies, load_cases  # noqa: E402
+
+    cases = load_cases(data, "training")
     if limit:
-        items = random.Random(seed).sample(items, min(limit, len(items)))
-    os.makedirs(os.path.join(studies, "labels", "final"), exist_ok=True)
-    for item in items:
-        img = os.path.abspath(os.path.join(data, item["image"]))
-        lab = os.path.abspath(os.path.join(data, item["label"]))
-        name = os.path.basename(img)
-        for src, dst in ((img, os.path.join(studies, name)), (lab, os.path.join(studies, "labels", "final", name))):
-            if not os.path.lexists(dst):
-                os.symlink(src, dst)
-    return len(items)
+        cases = random.Random(seed).sample(cases, min(limit, len(cases)))
+    return link_studies(cases, studies)
 
 
 def main() -> None:
