@@ -107,6 +107,7 @@ def test_predict_test_images_with_probabilities(trained: Path, msd: Path) -> Non
     assert seg.shape == src.shape and probs.shape == (*src.shape, 3)
     p = np.asanyarray(probs.dataobj)
     assert np.allclose(p.sum(-1), 1.0, atol=1e-3)
+    assert (trained / "plots" / "hippocampus_008_overlay.png").stat().st_size > 1000
 
 
 def test_export_torchscript_and_onnx_match(trained: Path) -> None:
@@ -176,3 +177,25 @@ def test_mismatched_label_shape_is_named(msd: Path, tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj)[:-2], lab.affine), data / "labelsTr" / "hippocampus_001.nii.gz")
     r = cli("train", "--config", "unet3d", "--data", str(data), "--results", str(tmp_path / "out"), *TINY, "--epochs", "1")
     assert r.returncode == 2 and "hippocampus_001" in r.stderr and "differs from image shape" in r.stderr, r.stderr[-2000:]
+
+
+def test_evaluation_conventions_brats_regions_and_2d() -> None:
+    from lib.evaluation import brats_regions, evaluate_case
+
+    labels = {"necrosis": 1, "edema": 2, "enhancing": 3}
+    assert brats_regions(labels) == {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+    assert brats_regions({"anterior": 1, "posterior": 2}) is None
+    ref = np.zeros((8, 8, 8), dtype=int)
+    ref[2:4, 2:4, 2:4] = 2  # edema only
+    ref[4:6, 4:6, 4:6] = 3  # enhancing
+    pred = ref.copy()
+    pred[4:6, 4:6, 4:6] = 1  # enhancing called necrosis: TC right, ET wrong
+    row = evaluate_case(pred, ref, labels, spacing=(1.0, 1.0, 1.0))
+    assert row["dice_WT"] == 1.0 and row["dice_TC"] == 1.0 and row["dice_ET"] == 0.0
+    assert np.isnan(row["hd95_enhancing"]) and row["hd95_one_sided"] == 2  # necrosis and enhancing one-sided
+    assert row["dice_necrosis"] == 0.0 and row["dice_edema"] == 1.0
+    two_d = np.zeros((10, 22), dtype=int)
+    two_d[:, :10] = 1
+    two_d[:, 12:] = 1
+    row2 = evaluate_case(two_d, two_d, {"cell": 1})
+    assert row2["v_rand"] == 1.0 and row2["v_info"] == 1.0 and row2["hd95_cell"] == 0.0

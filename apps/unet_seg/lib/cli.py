@@ -254,6 +254,20 @@ def _predict_one(ws: Workspace, case: Case, out_dir: str) -> str:
     return dst
 
 
+def _overlay(ws: Workspace, case: Case, label_path: str) -> str:
+    """plots/<case>_overlay.png: the image's most-labelled slices with the predicted label coloured on top."""
+    from monai.transforms import LoadImage
+
+    from .plots import plot_overlay
+
+    loader = LoadImage(image_only=True)
+    image = np.asarray(loader(case.image if isinstance(case.image, str) else case.image[0]))
+    if image.ndim == np.asarray(loader(label_path)).ndim + 1:  # channels last (4D / RGB): show the first
+        image = image[..., 0]
+    labels = dict(ws.app()._infers[ws.args.config].labels)
+    return plot_overlay(image, np.asarray(loader(label_path)), os.path.join(ws.results, "plots", f"{case.name}_overlay.png"), labels)
+
+
 def mode_predict(ws: Workspace) -> dict:
     """Label files (original geometry) for every image of the test list (MSD) or images/ folder, with a progress bar."""
     from tqdm import tqdm
@@ -267,8 +281,10 @@ def mode_predict(ws: Workspace) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     task = ws.app()._infers[ws.args.config]
-    for case in tqdm(cases, desc="predict", unit="image"):
+    for i, case in enumerate(tqdm(cases, desc="predict", unit="image")):
         written.append(_predict_one(ws, case, out_dir))
+        if i == 0:
+            written.append(_overlay(ws, case, written[-1]))
         if ws.args.save_probs:
             written.append(task.save_probabilities(case.image, os.path.join(out_dir, f"{case.name}_probs.nii.gz"),
                                                    infer_request(ws.args, case.image)))
@@ -322,6 +338,8 @@ def mode_evaluate(ws: Workspace) -> dict:
         spacing = np.linalg.norm(affine[: pred.ndim, : pred.ndim], axis=0) if affine.shape[0] > pred.ndim else None
         row = {"case": case.name, **evaluate_case(pred, ref, labels, spacing)}
         rows.append(row)
+        if len(rows) == 1:
+            _overlay(ws, case, path)
         if not ws.args.save_preds:
             os.remove(path)
     summary = summarise(rows)
