@@ -17,4 +17,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "app
 from lib.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run())
+    code = run()
+    # Leave without interpreter teardown: MONAI's cache/loader threads can abort there
+    # ("terminate called without an active exception") after an error stopped training early,
+    # which would replace our exit code 2 by a crash.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
