@@ -70,15 +70,19 @@ def test_train_publishes_model_stats_and_curves(trained: Path) -> None:
     assert len(split["validation"]) == 1 and len(split["training"]) == 3
 
 
-def test_resume_training_starts_from_the_published_weights(trained: Path, msd: Path) -> None:
-    before = torch.load(trained / "model" / "unet3d.pt", weights_only=True)["meta"]["version"]
+def test_resume_training_continues_after_the_last_epoch(trained: Path, msd: Path) -> None:
+    resume = torch.load(trained / "model" / "unet3d_resume.pt", weights_only=True)
+    assert resume["epoch"] == 2 and "optimizer" in resume
     split = (trained / "model" / "unet3d_split.json").read_text()
-    r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(trained), *TINY, "--epochs", "1",
-            "--max_steps", "1", "--resume_training")
+    r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(trained), *TINY, "--epochs", "3", "--resume_training")
     assert r.returncode == 0, r.stderr[-3000:]
-    meta = torch.load(trained / "model" / "unet3d.pt", weights_only=True)["meta"]
-    assert meta["initialised_from"] == before
+    assert "continuing after epoch 2" in r.stderr
+    stats = json.loads((trained / "model" / "unet3d_train_stats.json").read_text())
+    assert [h["epoch"] for h in stats["history"]] == [3]
+    assert torch.load(trained / "model" / "unet3d_resume.pt", weights_only=True)["epoch"] == 3
     assert json.loads((trained / "model" / "unet3d_split.json").read_text())["validation"] == json.loads(split)["validation"]
+    r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(trained), *TINY, "--epochs", "3", "--resume_training")
+    assert r.returncode == 2 and "already finished epoch 3" in r.stderr
 
 
 def test_evaluate_writes_json_and_csv(trained: Path, msd: Path) -> None:

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_split", type=float, default=0.2, help="validation fraction of the persisted single split")
     g.add_argument("--seed", type=int, default=0, help="split and sampling seed")
     g.add_argument("--resume_training", action="store_true",
-                   help="start from the published weights in --results (or --ckpt) after an interruption; the split is kept")
+                   help="continue an interrupted run from model/<config>_resume.pt (weights, optimizer, epoch, lr schedule; "
+                        "saved after every epoch); the split is kept")
     g.add_argument("--world_size", type=int, default=1, help="processes (gloo on CPU, NCCL on CUDA); torchrun also works")
     g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
     g.add_argument("--iterations_per_epoch", type=int, default=None, help="nnU-Net: batches per epoch")
@@ -200,6 +201,7 @@ def train_request(args: argparse.Namespace) -> dict:
     """The /train request the flags describe."""
     req: dict[str, Any] = {"model": args.config, "amp": bool(args.amp), "device": args.device, "world_size": args.world_size,
                            "val_split": args.val_split, "split_seed": args.seed, "pretrained": bool(args.resume_training),
+                           "resume": bool(args.resume_training),
                            "train_num_workers": args.num_workers, "val_num_workers": args.num_workers}
     batch = _batch_sizes(args.batch_size)[0] if args.batch_size else None
     for key, value in (("max_epochs", args.epochs), ("train_batch_size", batch), ("learning_rate", args.learning_rate),

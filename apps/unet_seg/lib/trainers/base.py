@@ -482,6 +482,8 @@ class SegTrainTask(BasicTrainTask):
         self.published_path = os.path.join(model_dir, f"{self.model_name}{suffix}.pt")
         self._stats_path = os.path.join(model_dir, f"{self.model_name}{suffix}_train_stats.json")
         req["name"] = f"train_{self.model_name}{suffix}"
+        if parse_bool(req.get("resume", False), "resume") and os.path.exists(self.resume_path):
+            req["pretrained"] = False  # the resume state carries the weights; do not load the best model over them
         for key in ("max_epochs", "train_batch_size", "val_batch_size"):
             req[key] = parse_int(req[key], key, minimum=1)
         device = resolve_device(req.get("device"))
@@ -580,8 +582,48 @@ class SegTrainTask(BasicTrainTask):
     #: improved validation Dice of the published model (stored in its meta, applied at inference)
     search_postprocessing: bool = False
 
+    @property
+    def resume_path(self) -> str:
+        """Full training state of the last finished epoch (weights, optimizer, epoch), for ``resume``."""
+        return self.published_path[:-3] + "_resume.pt"
+
+    def save_resume_state(self, context: Context) -> None:
+        """Write the resume state atomically (rank 0, after each epoch's validation)."""
+        net = getattr(context.network, "module", context.network)  # unwrap DDP
+        state = {"network": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                 "optimizer": context.optimizer.state_dict(), "epoch": int(context.trainer.state.epoch),
+                 "iteration": int(context.trainer.state.iteration), "spec": self.network_spec(context), "run_id": context.run_id}
+        tmp = self.resume_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.resume_path)
+
+    def load_resume_state(self, context: Context) -> int:
+        """Continue from the resume state when it fits this config: weights, optimizer, epoch and lr schedule. Returns the epoch."""
+        if not os.path.exists(self.resume_path):
+            logger.info(f"resume: no {self.resume_path}; starting at epoch 1")
+            return 0
+        state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+        if state.get("spec") != self.network_spec(context):
+            raise ConfError(f"resume: {self.resume_path} was made for another network ({state.get('spec')}); train without resume")
+        epoch = int(state["epoch"])
+        if epoch >= context.max_epochs:
+            raise ConfError(f"resume: {self.resume_path} already finished epoch {epoch} of max_epochs={context.max_epochs}; ask for more epochs")
+        getattr(context.network, "module", context.network).load_state_dict(state["network"])
+        context.optimizer.load_state_dict(state["optimizer"])
+        sched = getattr(context, "lr_scheduler", None)
+        if sched is not None:
+            sched.last_epoch = epoch
+        context.trainer.state.epoch = epoch
+        context.trainer.state.iteration = int(state["iteration"])
+        logger.info(f"resume: continuing after epoch {epoch} from {self.resume_path}")
+        return epoch
+
     def finalize(self, context: Context) -> None:
         super().finalize(context)
+        if parse_bool(context.request.get("resume", False), "resume"):
+            self.load_resume_state(context)
+        if context.local_rank == 0:
+            context.trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: self.save_resume_state(context))
         max_steps = parse_int(context.request.get("max_steps", 0) or 0, "max_steps")
         if max_steps > 0:  # every rank stops after this many optimisation steps in total (validated first)
             context.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda e: e.terminate_epoch())

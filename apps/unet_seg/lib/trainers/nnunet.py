@@ -150,6 +150,7 @@ class NnUNetTrain(SegTrainTask):
 
     def lr_scheduler_handler(self, context: Context) -> LrScheduleHandler:
         sched = torch.optim.lr_scheduler.PolynomialLR(context.optimizer, total_iters=max(context.max_epochs, 1), power=0.9)
+        context.lr_scheduler = sched  # a resumed run moves it to the saved epoch
         return LrScheduleHandler(sched, print_lr=False, epoch_level=True)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
