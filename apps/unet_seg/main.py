@@ -27,6 +27,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.configs import CONFIG_NAMES, load_config_class
+from lib.activelearning import UncertaintyScoring, strategies
 from lib.conf import AppConf, ConfError, parse_names
 from lib.datastore import ValidatingDatastore
 from lib.infers.base import ModelNotReady
@@ -53,7 +54,7 @@ class UNetSegApp(MONAILabelApp):
         for cfg in self.models.values():
             labels += [name for name in cfg.labels if name not in labels]
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="unet_seg", labels=labels,
-                         description="U-Net family (UNet3D) segmentation with training, TTA and active learning",
+                         description="U-Net family (UNet2D, UNet3D, nnU-Net) segmentation with training, TTA and active learning",
                          version="0.1.0")
 
     def init_datastore(self) -> Datastore:
@@ -71,6 +72,12 @@ class UNetSegApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {name: cfg.trainer() for name, cfg in self.models.items()}
+
+    def init_strategies(self) -> dict[str, Any]:
+        return strategies(self._infers)
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        return {"uncertainty": UncertaintyScoring(self._infers)}
 
     def info(self) -> dict[str, Any]:
         out = super().info()

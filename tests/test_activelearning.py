@@ -1,0 +1,65 @@
+"""Active learning with the embedded sample model: uncertainty scoring, ranking, leases; and over REST."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from conftest import APP_DIR, ROOT, running_server
+
+SAMPLE = ROOT / "sample"
+
+
+def studies_with_ambiguous_case(folder: Path) -> Path:
+    """Two unlabelled studies: a clean hippocampus MRI and the same one drowned in noise (ambiguous), plus one labelled."""
+    (folder / "labels" / "final").mkdir(parents=True)
+    shutil.copy(SAMPLE / "studies" / "hippocampus_015.nii.gz", folder / "clean.nii.gz")
+    img = nib.load(SAMPLE / "studies" / "hippocampus_015.nii.gz")
+    arr = np.asanyarray(img.dataobj).astype(np.float32)
+    rng = np.random.default_rng(0)
+    noisy = arr + rng.normal(0, 1.0 * arr[arr > 0].std(), arr.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(noisy, img.affine), folder / "ambiguous.nii.gz")
+    shutil.copy(SAMPLE / "studies" / "hippocampus_003.nii.gz", folder / "labelled.nii.gz")
+    shutil.copy(SAMPLE / "studies" / "labels" / "final" / "hippocampus_003.nii.gz", folder / "labels" / "final" / "labelled.nii.gz")
+    return folder
+
+
+CONF = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "tracking": "none",
+        "unet3d.pretrained": str(SAMPLE / "models" / "unet3d_hippocampus_small.pt")}
+
+
+def test_uncertainty_ranks_ambiguous_above_clean_and_leases(tmp_path: Path) -> None:
+    from main import UNetSegApp
+
+    studies = studies_with_ambiguous_case(tmp_path / "studies")
+    app = UNetSegApp(str(APP_DIR), str(studies), dict(CONF, model_dir=str(tmp_path / "model")))
+    scores = app.scoring({"method": "uncertainty"})["scores"]["unet3d"]
+    assert set(scores) == {"clean", "ambiguous"}  # labelled studies are not scored
+    assert scores["ambiguous"] > scores["clean"] > 0
+    assert app.datastore().get_image_info("ambiguous")["uncertainty_unet3d"] == pytest.approx(scores["ambiguous"])
+    first = app.next_sample({"strategy": "uncertainty"})
+    assert first["id"] == "ambiguous" and first["score"] == pytest.approx(scores["ambiguous"])
+    second = app.next_sample({"strategy": "uncertainty"})  # another annotator: not the same study
+    assert second["id"] == "clean"
+    assert app.next_sample({"strategy": "first"}) == {}  # both are leased now
+    assert app.next_sample({"strategy": "first", "lease_s": 0}) == {}  # still leased (leases are not shortened)
+
+
+def test_strategies_over_rest(tmp_path: Path) -> None:
+    studies = studies_with_ambiguous_case(tmp_path / "studies")
+    with running_server(studies, dict(CONF, model_dir=str(tmp_path / "model")), tmp_path / "server.log") as srv:
+        info = requests.get(f"{srv.url}/info/", timeout=30).json()
+        assert {"first", "random", "uncertainty"} <= set(info["strategies"])
+        assert "uncertainty" in info["scoring"]
+        r = requests.post(f"{srv.url}/activelearning/uncertainty", json={}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == "ambiguous"
+        r = requests.post(f"{srv.url}/activelearning/first", json={}, timeout=60)
+        assert r.status_code == 200 and r.json()["id"] == "clean"
+        assert json.dumps(r.json())  # plain JSON body
