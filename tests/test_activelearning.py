@@ -63,3 +63,47 @@ def test_strategies_over_rest(tmp_path: Path) -> None:
         r = requests.post(f"{srv.url}/activelearning/first", json={}, timeout=60)
         assert r.status_code == 200 and r.json()["id"] == "clean"
         assert json.dumps(r.json())  # plain JSON body
+
+
+def test_submitting_labels_triggers_retraining_and_a_newer_model(tmp_path: Path) -> None:
+    """The clinician loop over REST: next study -> infer -> submit -> automatic retraining -> newer model served."""
+    import time
+
+    studies = studies_with_ambiguous_case(tmp_path / "studies")
+    conf = dict(CONF, model_dir=str(tmp_path / "model"), auto_retrain_after="2", max_epochs="1", roi_size="16",
+                preset="tiny")
+    conf.pop("unet3d.pretrained")
+    shutil.copy(SAMPLE / "studies" / "hippocampus_004.nii.gz", studies / "labelled2.nii.gz")
+    shutil.copy(SAMPLE / "studies" / "labels" / "final" / "hippocampus_004.nii.gz", studies / "labels" / "final" / "labelled2.nii.gz")
+    with running_server(studies, conf, tmp_path / "server.log") as srv:
+        r = requests.post(f"{srv.url}/train/unet3d", json={"val_split": 0.5}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert srv.wait_train_done()["status"] == "DONE"
+        v1 = requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["version"]["version"]
+        timings = {}
+        for image_id in ("ambiguous", "clean"):
+            nxt = requests.post(f"{srv.url}/activelearning/first", json={}, timeout=60).json()
+            assert nxt["id"] == image_id
+            t0 = time.time()
+            seg = requests.post(f"{srv.url}/infer/unet3d", params={"image": image_id, "output": "image"},
+                                data={"params": json.dumps({"tta": True})}, timeout=300)
+            assert seg.status_code == 200, seg.text
+            timings[f"infer_{image_id}_s"] = round(time.time() - t0, 2)
+            # the annotator corrects the server's segmentation (here: paints both structures near the centre)
+            (tmp_path / "seg.nii.gz").write_bytes(seg.content)
+            result = nib.load(tmp_path / "seg.nii.gz")
+            arr = np.asanyarray(result.dataobj).astype(np.uint8)
+            c = [s // 2 for s in arr.shape]
+            arr[c[0] - 3:c[0], c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = 1
+            arr[c[0]:c[0] + 3, c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = 2
+            nib.save(nib.Nifti1Image(arr, result.affine), tmp_path / "corrected.nii.gz")
+            r = requests.put(f"{srv.url}/datastore/label", params={"image": image_id, "tag": "final"},
+                             files={"label": ("corrected.nii.gz", (tmp_path / "corrected.nii.gz").read_bytes())}, timeout=60)
+            assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["retrain"]["model"] == "unet3d" and body["retrain"]["task"], body
+        t0 = time.time()
+        assert srv.wait_train_done()["status"] == "DONE"
+        v2 = requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["version"]
+        assert v2["version"] != v1 and v2["val_mean_dice"] is not None
+        print(f"loop timings: {timings}, submit->retrained {time.time() - t0:.1f}s")

@@ -1,4 +1,4 @@
-"""unet_seg: the MONAI Label app serving the U-Net family (UNet3D; more configs plug in here).
+"""unet_seg: the MONAI Label app serving the U-Net family (UNet2D, UNet3D, nnU-Net 3D/2D).
 
 Start it with ``monailabel start_server --app apps/unet_seg --studies DIR [--conf k v ...]``.
 App-level conf keys (all parsed in ``lib/conf.py``):
@@ -7,6 +7,8 @@ App-level conf keys (all parsed in ``lib/conf.py``):
 * ``model_dir``  where published models, splits, stats and the MLflow db live
                  (default ``<app>/model``)
 * ``tracking``   ``mlflow`` (sqlite db in model_dir, works offline) or ``none``
+* ``auto_retrain_after``  start training after this many newly submitted final labels
+                 (default 5; 0 turns it off); ``auto_retrain_model`` picks the model (default the first)
 
 Model keys (``labels``, ``roi_size``, ``preset``, ``pretrained``, ...) are documented in each
 ``lib/configs/<name>.py`` and may be prefixed with the model name (``unet3d.roi_size``).
@@ -17,14 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.utils.async_tasks.task import AsyncTask
 
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.activelearning import UncertaintyScoring, strategies
@@ -50,6 +54,8 @@ class UNetSegApp(MONAILabelApp):
             cfg.init(name, self.model_dir, dict(conf), None)
             self.models[name] = cfg
         logger.info(f"unet_seg models: {self.model_names}; model_dir: {self.model_dir}")
+        self._new_labels: set[str] = set()  # final labels submitted since the last automatic retraining
+        self._retrain_lock = threading.Lock()
         labels: list[str] = []  # union of the models' label names, so viewers see them before training
         for cfg in self.models.values():
             labels += [name for name in cfg.labels if name not in labels]
@@ -72,6 +78,28 @@ class UNetSegApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {name: cfg.trainer() for name, cfg in self.models.items()}
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        """Count newly submitted final labels; after ``auto_retrain_after`` of them start training if none runs."""
+        every = self.app_conf.int("auto_retrain_after", 5, minimum=0)
+        model = self.app_conf.str("auto_retrain_model", next(iter(self._trainers), ""))
+        if every <= 0 or model not in self._trainers:
+            return {}
+        if not self.datastore().get_label_by_image_id(image_id, DefaultLabelTag.FINAL.value):
+            return {}
+        with self._retrain_lock:
+            self._new_labels.add(image_id)
+            out: dict[str, Any] = {"new_final_labels": len(self._new_labels), "auto_retrain_after": every}
+            if len(self._new_labels) < every:
+                return out
+            task, message = AsyncTask.run("train", request={"model": model})
+            if task:
+                logger.info(f"auto-retrain: {len(self._new_labels)} new final labels -> training {model}")
+                self._new_labels.clear()
+                out["retrain"] = {"model": model, "task": task}
+            else:
+                out["retrain"] = {"model": model, "pending": message}  # a training runs; the next label retries
+            return out
 
     def init_strategies(self) -> dict[str, Any]:
         return strategies(self._infers)
