@@ -1,0 +1,5 @@
+"""UNetSegLib: the Slicer module's pure-Python part (no slicer/qt imports): REST client and helpers."""
+
+from .client import ServerError, UNetSegClient, parse_multipart
+
+__all__ = ["ServerError", "UNetSegClient", "parse_multipart"]
