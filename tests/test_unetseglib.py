@@ -66,3 +66,25 @@ def test_client_against_real_server(tmp_path: Path, require_data: None) -> None:
                                     label_info=[{"name": "anterior", "idx": 1}, {"name": "posterior", "idx": 2}])
         assert reply["image"] == "hippocampus_006"
         assert client.next_sample("first")["id"] == "hippocampus_008"
+
+
+def test_non_contiguous_labels_survive_import_and_export() -> None:
+    """FreeSurfer codes (2, 3, 4, 41, ...) -> contiguous Slicer segment values -> back, by name, unchanged."""
+    from conftest import DATA
+    from UNetSegLib import colour_table, label_info, remap
+
+    npz = next((DATA / "multilabel" / "voxelmorph_test_scan").glob("*.npz"))
+    seg = np.load(npz)["seg"]
+    codes = sorted(set(np.unique(seg).tolist()) - {0})
+    assert codes != list(range(1, len(codes) + 1))  # really non-contiguous
+    server = {f"structure_{c}": int(c) for c in codes}
+    table = colour_table(server)
+    assert [e["value"] for e in table] == codes and len({tuple(e["rgb"]) for e in table}) == len(codes)
+    slicer_side = {name: i + 1 for i, name in enumerate(server)}  # what a positional import would use
+    imported = remap(seg, server, slicer_side)
+    assert set(np.unique(imported).tolist()) == set(range(len(codes) + 1))
+    exported = remap(imported, slicer_side, server)
+    assert np.array_equal(exported, seg)
+    assert label_info(server)[0] == {"name": f"structure_{codes[0]}", "idx": codes[0], "color": table[0]["rgb"]}
+    with pytest.raises(ValueError, match="have no name"):
+        remap(seg, {"structure_2": 2}, server)
