@@ -88,3 +88,42 @@ def test_non_contiguous_labels_survive_import_and_export() -> None:
     assert label_info(server)[0] == {"name": f"structure_{codes[0]}", "idx": codes[0], "color": table[0]["rgb"]}
     with pytest.raises(ValueError, match="have no name"):
         remap(seg, {"structure_2": 2}, server)
+
+
+def test_module_file_imports_without_slicer_and_logic_runs_the_loop(tmp_path: Path, require_data: None) -> None:
+    """UNetSeg.py imports with Qt/Slicer absent; its Logic connects, picks, segments, submits in the background."""
+    import UNetSeg
+
+    assert UNetSeg.HAVE_SLICER is False
+    UNetSeg.UNetSegTest().runTest()  # unreachable server -> plain words, no hang
+    studies = make_studies(tmp_path / "studies", labelled=HIPPO_IDS[:3], unlabelled=HIPPO_IDS[3:])
+    conf = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "none", "model_dir": str(tmp_path / "model"),
+            "auto_retrain_after": "1"}
+    with running_server(studies, conf, tmp_path / "server.log") as srv:
+        logic = UNetSeg.UNetSegLogic(srv.url)
+        got: dict = {}
+        errors: list[str] = []
+        logic.connect(lambda r: got.update(connect=r), errors.append)
+        logic.wait()
+        assert got["connect"]["models"]["unet3d"]["ready"] is False and "uncertainty" in got["connect"]["strategies"]
+        logic.next_study("first", None, lambda r: got.update(next=r), errors.append)
+        logic.wait()
+        logic.segment("unet3d", True, lambda r: got.update(seg=r), errors.append)
+        logic.wait()
+        assert errors and errors[-1].startswith("409") and "no trained weights" in errors[-1]
+        logic.train("unet3d", lambda r: got.update(train=r), errors.append, max_epochs=1, val_split=0.34)
+        logic.wait()
+        srv.wait_train_done()
+        logic.training_progress("unet3d", lambda r: got.update(progress=r), errors.append)
+        logic.segment("unet3d", True, lambda r: got.update(seg=r), errors.append)
+        logic.wait()
+        assert got["progress"]["status"] == "DONE" and got["progress"]["epoch"] == 1
+        assert got["seg"]["label_names"] == {"anterior": 1, "posterior": 2}
+        seg = nib.load(got["seg"]["label"])
+        arr = np.asanyarray(seg.dataobj).astype(np.uint8)
+        arr[5:8, 5:8, 5:8] = 2
+        nib.save(nib.Nifti1Image(arr, seg.affine), tmp_path / "fixed.nii.gz")
+        logic.submit_label(str(tmp_path / "fixed.nii.gz"), got["seg"]["label_names"], lambda r: got.update(submit=r), errors.append)
+        logic.wait()
+        assert got["submit"]["image"] == got["next"]["id"] and got["submit"]["retrain"]["model"] == "unet3d"
+        assert srv.wait_train_done()["status"] == "DONE"
