@@ -26,15 +26,15 @@ APP_DIR = os.path.join(ROOT, "apps", "unet_seg")
 sys.path.insert(0, APP_DIR)
 
 from lib.metrics import dice_per_class  # noqa: E402
-from lib.networks import UNET3D_PRESETS  # noqa: E402
+from lib.networks import UNET3D_PRESETS, preset_name  # noqa: E402
 
 
 def preset_of(spec: dict) -> str:
     """Name of the size preset a published spec was built from."""
-    for name, values in UNET3D_PRESETS.items():
-        if all(spec.get(k) == v for k, v in values.items()):
-            return name
-    raise ValueError(f"spec {spec} matches no preset")
+    name = preset_name(spec, UNET3D_PRESETS)
+    if name is None:
+        raise ValueError(f"spec {spec} matches no preset")
+    return name
 
 
 def main() -> None:

@@ -126,7 +126,7 @@ class Workspace:
         if not self.args.ckpt:
             return {}
         from .checkpoints import read_meta
-        from .networks import UNET2D_PRESETS, UNET3D_PRESETS
+        from .networks import UNET2D_PRESETS, UNET3D_PRESETS, preset_name
 
         if not os.path.exists(self.args.ckpt):
             raise CliError(f"--ckpt {self.args.ckpt} does not exist")
@@ -137,9 +137,9 @@ class Workspace:
                 "pretrained": os.path.abspath(self.args.ckpt)}
         spec = meta.get("spec", {})
         presets = UNET3D_PRESETS if self.args.config == "unet3d" else UNET2D_PRESETS if self.args.config == "unet2d" else {}
-        for name, values in presets.items():
-            if all(spec.get(k) == v for k, v in values.items()):
-                conf["preset"] = name
+        preset = preset_name(spec, presets)
+        if preset:
+            conf["preset"] = preset
         if self.args.config in ("unet3d", "unet2d"):
             conf["roi_size"] = ",".join(str(s) for s in meta["roi_size"])
         if self.args.config == "unet2d":

@@ -69,6 +69,14 @@ class UNet3DSpec:
         return cls(**data)
 
 
+def preset_name(spec: dict[str, Any], presets: dict[str, dict[str, int]]) -> str | None:
+    """Name of the size preset a stored network spec was built from (None when it matches none)."""
+    for name, values in presets.items():
+        if all(spec.get(k) == v for k, v in values.items()):
+            return name
+    return None
+
+
 def build_unet3d(spec: UNet3DSpec) -> torch.nn.Module:
     """3D U-Net (No New-Net style) as a DynUNet without deep supervision."""
     n = spec.levels
