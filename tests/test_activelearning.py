@@ -51,12 +51,48 @@ def test_uncertainty_ranks_ambiguous_above_clean_and_leases(tmp_path: Path) -> N
     assert app.next_sample({"strategy": "first", "lease_s": 0}) == {}  # still leased (leases are not shortened)
 
 
+def test_epistemic_mc_dropout_ranks_ambiguous_first_and_refuses_without_dropout(tmp_path: Path) -> None:
+    from fastapi import HTTPException
+    from lib.infers.base import ModelNotReady
+    from main import UNetSegApp
+
+    studies = studies_with_ambiguous_case(tmp_path / "studies")
+    app = UNetSegApp(str(APP_DIR), str(studies), dict(CONF, model_dir=str(tmp_path / "model")))
+    # the sample model was trained without dropout: MC dropout has nothing to sample, and says so
+    out = app.scoring({"method": "epistemic"})
+    assert out["scores"] == {} and "trained without dropout" in out["skipped"]["unet3d"]
+    with pytest.raises(ModelNotReady, match="trained without dropout"):
+        app.scoring({"method": "epistemic", "model": "unet3d"})
+    with pytest.raises(HTTPException) as err:
+        app.next_sample({"strategy": "epistemic"})
+    assert err.value.status_code == 409 and "dropout" in err.value.detail
+    with pytest.raises(HTTPException) as err:
+        app.next_sample({"strategy": "epistemic", "dropout": 1.5})
+    assert err.value.status_code == 422
+    # test-time dropout on these weights (asked for explicitly)
+    request = {"method": "epistemic", "dropout": 0.2, "samples": 4}
+    scores = app.scoring(request)["scores"]["unet3d"]
+    assert scores["ambiguous"] > scores["clean"] > 0
+    assert app.scoring(request)["scores"]["unet3d"] == scores  # seeded: the same model gives the same score
+    info = app.datastore().get_image_info("clean")
+    assert info["epistemic_unet3d"] == pytest.approx(scores["clean"])
+    assert info["epistemic_unet3d_signature"]["dropout"] == 0.2
+    first = app.next_sample({"strategy": "epistemic", "dropout": 0.2, "samples": 4})
+    assert first["id"] == "ambiguous" and first["score_kind"] == "epistemic" and first["score"] == pytest.approx(scores["ambiguous"])
+    assert app.next_sample({"strategy": "epistemic", "dropout": 0.2, "samples": 4})["id"] == "clean"  # leased: not twice
+    with pytest.raises(HTTPException) as err:
+        app.next_sample({"strategy": "bald"})
+    assert err.value.status_code == 404 and "epistemic" in err.value.detail
+
+
 def test_strategies_over_rest(tmp_path: Path) -> None:
     studies = studies_with_ambiguous_case(tmp_path / "studies")
     with running_server(studies, dict(CONF, model_dir=str(tmp_path / "model")), tmp_path / "server.log") as srv:
         info = requests.get(f"{srv.url}/info/", timeout=30).json()
-        assert {"first", "random", "uncertainty"} <= set(info["strategies"])
-        assert "uncertainty" in info["scoring"]
+        assert {"first", "random", "uncertainty", "epistemic"} <= set(info["strategies"])
+        assert {"uncertainty", "epistemic"} <= set(info["scoring"])
+        r = requests.post(f"{srv.url}/activelearning/epistemic", json={}, timeout=60)
+        assert r.status_code == 409 and "trained without dropout" in r.json()["detail"], r.text
         r = requests.post(f"{srv.url}/activelearning/uncertainty", json={}, timeout=300)
         assert r.status_code == 200, r.text
         assert r.json()["id"] == "ambiguous"
@@ -71,10 +107,11 @@ def test_submitting_labels_triggers_retraining_and_a_newer_model(tmp_path: Path)
 
     studies = studies_with_ambiguous_case(tmp_path / "studies")
     conf = dict(CONF, model_dir=str(tmp_path / "model"), auto_retrain_after="2", max_epochs="1", roi_size="16",
-                preset="tiny")
+                preset="tiny", dropout="0.2")
     conf.pop("unet3d.pretrained")
     shutil.copy(SAMPLE / "studies" / "hippocampus_004.nii.gz", studies / "labelled2.nii.gz")
     shutil.copy(SAMPLE / "studies" / "labels" / "final" / "hippocampus_004.nii.gz", studies / "labels" / "final" / "labelled2.nii.gz")
+    shutil.copy(SAMPLE / "studies" / "hippocampus_020.nii.gz", studies / "extra.nii.gz")  # stays unlabelled
     with running_server(studies, conf, tmp_path / "server.log") as srv:
         r = requests.post(f"{srv.url}/train/unet3d", json={"val_split": 0.5}, timeout=60)
         assert r.status_code == 200, r.text
@@ -106,4 +143,8 @@ def test_submitting_labels_triggers_retraining_and_a_newer_model(tmp_path: Path)
         assert srv.wait_train_done()["status"] == "DONE"
         v2 = requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["version"]
         assert v2["version"] != v1 and v2["val_mean_dice"] is not None
+        # the model was trained with dropout 0.2: MC dropout samples it with no extra parameter
+        r = requests.post(f"{srv.url}/activelearning/epistemic", json={"samples": 3}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == "extra" and r.json()["score_kind"] == "epistemic" and r.json()["score"] > 0
         print(f"loop timings: {timings}, submit->retrained {time.time() - t0:.1f}s")

@@ -169,3 +169,42 @@ def test_dice_per_class_conventions() -> None:
     d = dice_per_class(pred, ref, {"a": 1, "b": 2, "c": 3})
     assert d["a"] == pytest.approx(2 / 3) and d["b"] == pytest.approx(2 / 3)
     assert np.isnan(d["c"])  # absent in both: undefined, left out of means
+
+
+@pytest.mark.parametrize("family", ["unet3d", "unet2d", "dynunet"])
+def test_mc_dropout_reuses_weights_and_samples_only_when_asked(family: str) -> None:
+    """Dropout layers hold no weights: a dropout-0 checkpoint loads strictly into a dropout net (test-time MC dropout)."""
+    from dataclasses import replace
+
+    from lib.networks import DynUNetSpec, UNet2DSpec, build_dynunet, build_unet2d
+
+    torch.manual_seed(0)
+    if family == "unet3d":
+        spec, build, x, roi = UNet3DSpec.from_preset("tiny", 1, 3), build_unet3d, torch.randn(1, 1, 16, 16, 16), (16, 16, 16)
+    elif family == "unet2d":
+        spec, build, x, roi = UNet2DSpec.from_preset("tiny", 1, 2), build_unet2d, torch.randn(1, 1, 32, 32), (32, 32)
+    else:
+        spec = DynUNetSpec(spatial_dims=3, in_channels=1, out_channels=3, kernels=[[3, 3, 3]] * 3,
+                           strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], filters=[4, 8, 16], deep_supervision=False)
+        build, x, roi = build_dynunet, torch.randn(1, 1, 16, 16, 16), (16, 16, 16)
+    plain = build(spec).eval()
+    dropped = build(replace(spec, dropout=0.5)).eval()  # as the inferer serves it
+    dropped.load_state_dict(plain.state_dict(), strict=True)
+    assert any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in dropped.modules())
+    reference = predict_probabilities(plain, x, roi)
+    assert torch.allclose(predict_probabilities(dropped, x, roi), reference, atol=1e-6)  # eval: dropout off
+    a = predict_probabilities(dropped, x, roi, mc_dropout=True)
+    b = predict_probabilities(dropped, x, roi, mc_dropout=True)
+    assert not torch.allclose(a, b) and not torch.allclose(a, reference)
+    assert not dropped.training and not any(m.training for m in dropped.modules())  # restored afterwards
+
+
+def test_mutual_information_score() -> None:
+    from lib.activelearning import mutual_information_score
+
+    agree = torch.tensor([[0.2, 0.2], [0.8, 0.8]])  # (K=2, voxels=2): every sample said the same
+    entropy = -(agree * agree.log()).sum(0)
+    assert mutual_information_score(agree, entropy) == pytest.approx(0.0, abs=1e-6)
+    # samples split between two confident answers: mean 0.5/0.5, each sample's entropy ~0 -> MI = log 2 -> 1 normalised
+    assert mutual_information_score(torch.tensor([[0.5], [0.5]]), torch.zeros(1)) == pytest.approx(1.0, abs=1e-4)
+    assert mutual_information_score(torch.tensor([[1.0], [0.0]]), torch.zeros(1)) == 0.0  # clear background only

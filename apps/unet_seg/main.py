@@ -31,7 +31,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.async_tasks.task import AsyncTask
 
 from lib.configs import CONFIG_NAMES, load_config_class
-from lib.activelearning import UncertaintyScoring, strategies
+from lib.activelearning import scoring_methods, strategies
 from lib.conf import AppConf, ConfError, parse_names
 from lib.datastore import ValidatingDatastore
 from lib.infers.base import ModelNotReady
@@ -105,7 +105,18 @@ class UNetSegApp(MONAILabelApp):
         return strategies(self._infers)
 
     def init_scoring_methods(self) -> dict[str, Any]:
-        return {"uncertainty": UncertaintyScoring(self._infers)}
+        return scoring_methods(self._infers)
+
+    def next_sample(self, request: dict) -> dict:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
+        try:
+            return super().next_sample(request)
+        except ModelNotReady as e:
+            raise HTTPException(status_code=409, detail=f"{strategy}: {e}") from e
+        except (InputError, ConfError) as e:
+            raise HTTPException(status_code=422, detail=f"{strategy}: {e}") from e
 
     def info(self) -> dict[str, Any]:
         out = super().info()

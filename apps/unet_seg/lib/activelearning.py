@@ -1,15 +1,24 @@
 """Active learning: which unlabelled study to annotate next, and the scores behind that choice.
 
-* ``UncertaintyScoring`` (POST /scoring/uncertainty): for every unlabelled study, the served
-  model's flip-TTA probabilities (the mean over all axis flips) give a per-voxel entropy; the
-  study's score is the mean normalised entropy over the voxels the model does not call clear
-  background (1 - p_background >= 0.05), so disagreement between flips and hesitation between
-  classes both raise it. Scores are stored in the datastore's image info
-  (``uncertainty_<model>`` with the model version that made it).
-* Strategies (POST /activelearning/<name>): ``first`` (sorted id), ``random``, ``uncertainty``
-  (the highest stored score; unscored studies are scored on demand). Every strategy skips
-  studies handed out in the last ``lease_s`` seconds (default 600), so two annotators asking at
-  once get different studies.
+Two score kinds, each a scoring method (POST /scoring/<kind>, scores every unlabelled study and
+stores the scores in the datastore's image info as ``<kind>_<model>`` with the model version and
+params that made them) and a strategy (POST /activelearning/<kind>, the highest-scoring free
+study; unscored or stale studies are scored on demand):
+
+* ``uncertainty``: the served model's flip-TTA probabilities (the mean over all axis flips) give
+  a per-voxel entropy; the study's score is the mean normalised entropy over the voxels the model
+  does not call clear background (1 - p_background >= 0.05), so disagreement between flips and
+  hesitation between classes both raise it.
+* ``epistemic``: Monte-Carlo dropout (Gal & Ghahramani): ``samples`` passes (default 10) with the
+  dropout layers sampling; the score is the mean mutual information between prediction and
+  weights (BALD: entropy of the mean minus mean entropy, normalised by log K) over the same
+  region. It needs a model trained with dropout (conf ``dropout``), or a request ``dropout`` rate
+  for test-time dropout; otherwise it answers why, never a silent zero. (MONAI Label's own
+  epistemic strategy returns the least recently served study; this one returns the top score.)
+
+Strategies ``first`` (sorted id) and ``random`` need no model. Every strategy skips studies
+handed out in the last ``lease_s`` seconds (default 600), so two annotators asking at once get
+different studies.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +37,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from .conf import parse_float, parse_int
+from .infers.base import ModelNotReady
 from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -40,40 +52,118 @@ def entropy_score(probs: torch.Tensor, background_floor: float = 0.05) -> float:
     return float(ent[region].mean()) if region.any() else 0.0
 
 
-def study_uncertainty(task: Any, image_uri: str, device: str = "auto") -> float:
-    """Uncertainty of one study under ``task``'s served model (flip TTA on)."""
-    dev = resolve_device(device)
-    request = {"tta": True, "amp": True}
-    data = task.run_pre_transforms({**request, task.input_key: image_uri}, task.pre_transforms())
-    probs, _, _ = task.compute_probabilities(data, dev)
+def mutual_information_score(mean_probs: torch.Tensor, mean_entropy: torch.Tensor, background_floor: float = 0.05) -> float:
+    """BALD: mean over not-clear-background voxels of H(mean p) - mean H(p), normalised by log K (0 if none)."""
+    p = mean_probs.float().clamp_min(1e-8)
+    mi = ((-(p * p.log()).sum(0) - mean_entropy.float()) / np.log(p.shape[0])).clamp_min(0)
+    region = (1.0 - mean_probs[0]) >= background_floor
+    return float(mi[region].mean()) if region.any() else 0.0
+
+
+def _prepared(task: Any, image_uri: str, request: Mapping[str, Any]) -> tuple[dict, torch.device]:
+    dev = resolve_device(request.get("device", "auto"))
+    params = {"amp": request.get("amp", True)}
+    return task.run_pre_transforms({**params, task.input_key: image_uri}, task.pre_transforms()), dev
+
+
+def study_uncertainty(task: Any, image_uri: str, request: Mapping[str, Any] | None = None) -> float:
+    """Flip-TTA entropy of one study under ``task``'s served model."""
+    data, dev = _prepared(task, image_uri, request or {})
+    probs, _, _ = task.compute_probabilities({**data, "tta": True}, dev)
     return entropy_score(probs[0])
 
 
-def score_key(model: str) -> str:
-    """Image-info key holding a model's uncertainty score."""
-    return f"uncertainty_{model}"
+def study_epistemic(task: Any, image_uri: str, request: Mapping[str, Any] | None = None) -> float:
+    """MC-dropout mutual information of one study under ``task``'s served model.
+
+    ``request`` may give ``samples`` (default 10) and ``dropout`` (test-time rate for a model
+    trained without dropout; by default the trained rate is used).
+    """
+    request = request or {}
+    data, dev = _prepared(task, image_uri, request)
+    dropout = request.get("dropout")
+    mean_p, mean_h, _ = task.mc_dropout_statistics(
+        data, dev, parse_int(request.get("samples", 10), "samples", 2),
+        None if dropout in (None, "") else parse_float(dropout, "dropout"))
+    return mutual_information_score(mean_p, mean_h)
 
 
-class UncertaintyScoring(ScoringMethod):
-    """Scores every unlabelled study with each ready model (or the request's ``model``)."""
+@dataclass(frozen=True)
+class ScoreKind:
+    """One way of scoring a study: name (also the image-info key prefix), function, request params it depends on."""
 
-    def __init__(self, infers: Mapping[str, Any]) -> None:
-        super().__init__("Flip-TTA entropy of each unlabelled study under the served model(s)")
+    name: str
+    description: str
+    compute: Callable[[Any, str, Mapping[str, Any]], float]
+    params: tuple[str, ...] = ()
+
+    def key(self, model: str) -> str:
+        """Image-info key holding a model's score."""
+        return f"{self.name}_{model}"
+
+    def signature(self, task: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+        """What a stored score must have been computed with to be reused: model version and params."""
+        version = task.info().get("version", {}).get("version")
+        return {"version": version, **{p: request.get(p) for p in self.params}}
+
+    def stored_or_computed(self, task: Any, model: str, image_id: str, datastore: Datastore,
+                           request: Mapping[str, Any], force: bool = False) -> float:
+        """The study's stored score when it was made by the same model version and params, else compute and store it."""
+        key, info = self.key(model), datastore.get_image_info(image_id)
+        signature = self.signature(task, request)
+        if not force and key in info and info.get(f"{key}_signature") == signature:
+            return float(info[key])
+        score = self.compute(task, datastore.get_image_uri(image_id), request)
+        datastore.update_image_info(image_id, {key: score, f"{key}_signature": signature,
+                                               f"{key}_version": signature["version"]})
+        return score
+
+
+SCORES: dict[str, ScoreKind] = {
+    "uncertainty": ScoreKind("uncertainty", "flip-TTA entropy", study_uncertainty),
+    "epistemic": ScoreKind("epistemic", "MC-dropout mutual information (BALD)", study_epistemic, ("samples", "dropout")),
+}
+
+
+def score_key(model: str, kind: str = "uncertainty") -> str:
+    """Image-info key holding a model's score of ``kind``."""
+    return SCORES[kind].key(model)
+
+
+def ready_model(infers: Mapping[str, Any], request: Mapping[str, Any], purpose: str) -> str:
+    """The request's ``model`` (or the first ready one); ModelNotReady when none can serve."""
+    ready = [m for m, t in infers.items() if t.is_valid()]
+    model = request.get("model") or (ready[0] if ready else None)
+    if model is None or model not in infers or model not in ready:
+        raise ModelNotReady(f"{purpose} needs a ready model (asked: {request.get('model')!r}; ready: {ready})")
+    return model
+
+
+class StudyScoring(ScoringMethod):
+    """Scores every unlabelled study with each ready model (or the request's ``model``) and stores the scores."""
+
+    def __init__(self, kind: str, infers: Mapping[str, Any]) -> None:
+        self.kind = SCORES[kind]
+        super().__init__(f"{self.kind.description} of each unlabelled study under the served model(s)")
         self.infers = infers
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
-        models = [request["model"]] if request.get("model") else [m for m, t in self.infers.items() if t.is_valid()]
+        explicit = bool(request.get("model"))
+        models = [ready_model(self.infers, request, self.kind.name)] if explicit else \
+            [m for m, t in self.infers.items() if t.is_valid()]
         out: dict[str, dict[str, float]] = {}
+        skipped: dict[str, str] = {}
         for model in models:
-            task = self.infers.get(model)
-            if task is None or not task.is_valid():
-                continue
-            version = task.info().get("version", {}).get("version")
-            for image_id in datastore.get_unlabeled_images():
-                score = study_uncertainty(task, datastore.get_image_uri(image_id), request.get("device", "auto"))
-                datastore.update_image_info(image_id, {score_key(model): score, f"{score_key(model)}_version": version})
-                out.setdefault(model, {})[image_id] = score
-        return {"scores": out}
+            try:
+                for image_id in datastore.get_unlabeled_images():
+                    out.setdefault(model, {})[image_id] = self.kind.stored_or_computed(
+                        self.infers[model], model, image_id, datastore, request, force=True)
+            except ModelNotReady as e:  # e.g. MC dropout on a model trained without dropout
+                if explicit:
+                    raise
+                skipped[model] = str(e)
+                logger.info(f"{self.kind.name} scoring skipped {model}: {e}")
+        return {"scores": out, "skipped": skipped}
 
 
 class _Leases:
@@ -132,40 +222,31 @@ class RandomStrategy(LeasedStrategy):
         return random.choice(free)
 
 
-class UncertaintyStrategy(LeasedStrategy):
-    """The unlabelled study the served model is least sure about."""
+class ScoredStrategy(LeasedStrategy):
+    """The unlabelled study with the highest score of one kind under the served model (scored on demand)."""
 
-    def __init__(self, leases: _Leases, infers: Mapping[str, Any]) -> None:
-        super().__init__("Unlabelled study with the highest flip-TTA uncertainty", leases)
+    def __init__(self, kind: str, leases: _Leases, infers: Mapping[str, Any]) -> None:
+        self.kind = SCORES[kind]
+        super().__init__(f"Unlabelled study with the highest {self.kind.description}", leases)
         self.infers = infers
 
-    def _model(self, request: dict) -> str:
-        model = request.get("model") or next((m for m, t in self.infers.items() if t.is_valid()), None)
-        if model is None or model not in self.infers or not self.infers[model].is_valid():
-            raise ValueError(f"uncertainty needs a ready model (asked: {request.get('model')!r}; ready: "
-                             f"{[m for m, t in self.infers.items() if t.is_valid()]})")
-        return model
-
-    def _score(self, image_id: str, model: str, datastore: Datastore, device: str) -> float:
-        info = datastore.get_image_info(image_id)
-        key = score_key(model)
-        if key not in info:
-            info_score = study_uncertainty(self.infers[model], datastore.get_image_uri(image_id), device)
-            datastore.update_image_info(image_id, {key: info_score})
-            return info_score
-        return float(info[key])
-
     def choose(self, free: list[str], request: dict, datastore: Datastore) -> str:
-        model = self._model(request)
-        scores = {i: self._score(i, model, datastore, request.get("device", "auto")) for i in free}
+        model = ready_model(self.infers, request, self.kind.name)
+        scores = {i: self.kind.stored_or_computed(self.infers[model], model, i, datastore, request) for i in free}
         return max(free, key=lambda i: (scores[i], i))
 
     def details(self, image_id: str, request: dict, datastore: Datastore) -> dict:
-        model = self._model(request)
-        return {"model": model, "score": datastore.get_image_info(image_id).get(score_key(model))}
+        model = ready_model(self.infers, request, self.kind.name)
+        return {"model": model, "score": datastore.get_image_info(image_id).get(self.kind.key(model)), "score_kind": self.kind.name}
 
 
 def strategies(infers: Mapping[str, Any]) -> dict[str, Strategy]:
     """The app's strategies (one lease table shared by all)."""
     leases = _Leases()
-    return {"first": FirstStrategy(leases), "random": RandomStrategy(leases), "uncertainty": UncertaintyStrategy(leases, infers)}
+    return {"first": FirstStrategy(leases), "random": RandomStrategy(leases),
+            **{kind: ScoredStrategy(kind, leases, infers) for kind in SCORES}}
+
+
+def scoring_methods(infers: Mapping[str, Any]) -> dict[str, ScoringMethod]:
+    """The app's scoring methods: one per score kind."""
+    return {kind: StudyScoring(kind, infers) for kind in SCORES}

@@ -182,6 +182,13 @@ class AppConf:
         """Float conf value."""
         return parse_float(self.get(key, default, model), key)
 
+    def dropout(self, model: str | None = None) -> float:
+        """``dropout`` conf value: a rate in [0, 1) (default 0: none; > 0 also lets MC dropout use the trained rate)."""
+        rate = self.float("dropout", 0.0, model)
+        if not 0.0 <= rate < 1.0:
+            raise ConfError(f"{model + '.' if model else ''}dropout must be in [0, 1), got {rate}")
+        return rate
+
     def str(self, key: str, default: str, model: str | None = None) -> str:
         """String conf value."""
         return str(self.get(key, default, model))

@@ -6,11 +6,17 @@ unchecked. Here ids are restricted to safe names, images and labels must be read
 must match the image's spatial shape and hold non-negative integer values, and an all-background
 final label is refused unless the request says ``allow_empty``. Failures raise an HTTP 4xx whose
 message names the problem; nothing stored is touched.
+
+A NIfTI label that covers the image's grid with its axes flipped or permuted (same voxels in
+world space, other index order: ITK/Slicer writers do this for left-handed affines) is
+re-oriented onto the image's index order before it is stored, so every consumer, slice-wise 2D
+ones included, sees label and image voxel for voxel.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -32,6 +38,22 @@ def check_id(value: str, what: str = "image id") -> str:
     if not value or not SAFE_ID.match(value) or ".." in value:
         raise HTTPException(status_code=422, detail=f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' only (no paths)")
     return value
+
+
+def align_to_image(label: np.ndarray, label_affine: np.ndarray, image_affine: np.ndarray,
+                   atol: float = 1e-3) -> np.ndarray | None:
+    """``label`` in the image's index order when the two grids differ only by axis flips/permutations, else None.
+
+    Returns the label unchanged when the affines already agree.
+    """
+    if label.ndim != 3 or np.allclose(label_affine, image_affine, atol=atol):
+        return label
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(label_affine), io_orientation(image_affine))
+    moved = apply_orientation(label, transform)
+    moved_affine = label_affine @ inv_ornt_aff(transform, label.shape)
+    return moved if np.allclose(moved_affine, image_affine, atol=atol) else None
 
 
 def read_array(path: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -62,9 +84,20 @@ class ValidatingDatastore(LocalDatastore):
         check_id(label_tag, "label tag")
         if image_id not in self._datastore.objects:
             raise HTTPException(status_code=404, detail=f"image {image_id!r} not found in the datastore")
-        label, _ = read_array(label_filename, "label")
+        label, label_affine = read_array(label_filename, "label")
+        aligned_file = None
         image_path = self.get_image_uri(image_id)
         image_shape = self._image_spatial_shape(image_path)
+        if label_affine is not None and image_path.endswith((".nii", ".nii.gz")):
+            image_affine = nib.load(image_path).affine
+            aligned = align_to_image(label, label_affine, image_affine)
+            if aligned is None:
+                logger.warning(f"label for {image_id!r}: affine differs from the image's beyond axis flips; stored in its own index order")
+            elif aligned is not label:
+                label = np.ascontiguousarray(aligned)
+                aligned_file = label_filename = f"{label_filename}.aligned.nii.gz"
+                nib.save(nib.Nifti1Image(label, image_affine), label_filename)
+                logger.info(f"label for {image_id!r}: axes re-oriented onto the image's index order")
         lab = np.squeeze(label) if label.ndim > len(image_shape) else label
         if tuple(lab.shape) != tuple(image_shape):
             raise HTTPException(status_code=422, detail=f"label shape {tuple(label.shape)} does not match image {image_id!r} shape {tuple(image_shape)}")
@@ -76,7 +109,11 @@ class ValidatingDatastore(LocalDatastore):
         allow_empty = parse_bool(info.pop("allow_empty", False), "allow_empty")
         if label_tag == "final" and not allow_empty and not np.any(lab):
             raise HTTPException(status_code=422, detail="label is empty (all background); send params {\"allow_empty\": true} to store it anyway")
-        return super().save_label(image_id, label_filename, label_tag, info)
+        try:
+            return super().save_label(image_id, label_filename, label_tag, info)
+        finally:
+            if aligned_file and os.path.exists(aligned_file):
+                os.remove(aligned_file)
 
     @staticmethod
     def _image_spatial_shape(path: str) -> tuple[int, ...]:

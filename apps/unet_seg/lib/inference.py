@@ -38,8 +38,13 @@ def predict_probabilities(
     tta: bool = False,
     amp: AmpPolicy | None = None,
     device: torch.device | None = None,
+    mc_dropout: bool = False,
 ) -> torch.Tensor:
-    """Softmax probabilities of ``net`` over ``image`` by Gaussian-blended sliding windows (+ flip TTA)."""
+    """Softmax probabilities of ``net`` over ``image`` by Gaussian-blended sliding windows (+ flip TTA).
+
+    ``mc_dropout`` keeps the dropout layers sampling (everything else, normalisation included, in
+    eval mode): one call is then one Monte-Carlo dropout sample.
+    """
     if image.ndim != len(roi_size) + 2:
         raise ValueError(f"image must be (B, C, *spatial) with {len(roi_size)} spatial dims, got shape {tuple(image.shape)}")
     if not 0.0 <= overlap < 1.0:
@@ -50,6 +55,10 @@ def predict_probabilities(
     image = image.to(device)
     was_training = net.training
     net.eval()
+    if mc_dropout:
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.train()
     flips = flip_combinations(len(roi_size)) if tta else [()]
     total: torch.Tensor | None = None
     try:
@@ -68,7 +77,7 @@ def predict_probabilities(
                 probs = torch.flip(probs, axes)
             total = probs if total is None else total + probs
     finally:
-        net.train(was_training)
+        net.train(was_training)  # resets the dropout layers too
     assert total is not None
     return total / len(flips)
 

@@ -114,6 +114,7 @@ class DynUNetSpec:
     filters: list[int]
     deep_supervision: bool = True
     deep_supr_num: int = 1
+    dropout: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -155,6 +156,7 @@ def build_dynunet(spec: DynUNetSpec) -> torch.nn.Module:
         deep_supr_num=max(1, spec.deep_supr_num),
         res_block=False,
         trans_bias=False,
+        dropout=spec.dropout or None,
     )
 
 

@@ -9,6 +9,7 @@ Conf keys (plain or prefixed ``nnunet.``):
                                ``nnunet`` (nnU-Net's 1000 epochs x 250 iterations)
 * ``max_epochs``, ``iterations_per_epoch``   override the schedule
 * ``base_filters``, ``max_filters``, ``max_patch_voxels``   shrink the planned network (tests, CPU previews)
+* ``dropout``                  dropout rate in every conv block (default ``0``, as nnU-Net; MC dropout uses it)
 * ``pretrained``               a local checkpoint served until the model is trained here
 """
 
@@ -48,6 +49,7 @@ class NnUNet(TaskConfig):
         epochs, iters = SCHEDULES[schedule]
         self.max_epochs = c.int("max_epochs", epochs, model=name, minimum=1)
         self.iterations = c.int("iterations_per_epoch", iters, model=name, minimum=1)
+        self.dropout = c.dropout(model=name)
         self.gpu_memory_gb = c.float("gpu_memory_gb", 8.0, model=name)
         self.settings = planner_settings(
             base_filters=c.int("base_filters", 0, model=name) or None,
@@ -70,6 +72,6 @@ class NnUNet(TaskConfig):
 
     def trainer(self) -> NnUNetTrain:
         return NnUNetTrain(modality_kinds=self.kinds, gpu_memory_gb=self.gpu_memory_gb, settings=self.settings,
-                           iterations_per_epoch=self.iterations, tracking=self.tracking, cache_mb=self.cache_mb,
+                           iterations_per_epoch=self.iterations, dropout=self.dropout, tracking=self.tracking, cache_mb=self.cache_mb,
                            description=f"Train nnU-Net {self.dims}D from a plan of the labelled studies",
                            config={"max_epochs": self.max_epochs}, **self._common())

@@ -10,6 +10,8 @@ masks (membrane = 0). Conf keys (plain or prefixed ``unet2d.``):
 * ``roi_size``      training crop and inference window (default ``256``; multiples of 2^depth)
 * ``preset``        ``full`` (the paper: 64 -> 1024 filters, 4 poolings, 31M parameters), ``small``, ``tiny``
 * ``padding``       ``same`` (default) or ``valid`` (the paper's unpadded convolutions with overlap-tile mirroring)
+* ``dropout``       dropout rate at the end of the contracting path, as in the paper (default ``0``;
+                    MC dropout (``epistemic``) uses it)
 * ``batch_norm``    add batch normalisation after each convolution (default false, as in the paper)
 * ``slice_axis``    array axis volumes are cut along (default ``2``: NIfTI axial, TIFF pages)
 * ``pretrained``    a local checkpoint served until the model is trained here
@@ -45,7 +47,8 @@ class UNet2D(TaskConfig):
         try:
             self.spec = UNet2DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1,
                                                padding=c.str("padding", "same", model=name),
-                                               batch_norm=c.bool("batch_norm", False, model=name))
+                                               batch_norm=c.bool("batch_norm", False, model=name),
+                                               dropout=c.dropout(model=name))
         except ValueError as e:
             raise ConfError(f"{name}: {e}") from e
         self.roi_size = c.size("roi_size", "256", 2, model=name)

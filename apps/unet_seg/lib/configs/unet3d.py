@@ -7,6 +7,7 @@ Conf keys (plain or prefixed ``unet3d.``):
 * ``modalities``    channel count or names, e.g. ``4`` or ``flair,t1,t1c,t2`` (default ``1``)
 * ``roi_size``      training crop and inference window (default ``128``; multiples of 2^(levels-1))
 * ``preset``        network size: ``full`` (32->320 filters, 5 levels), ``small``, ``tiny``
+* ``dropout``       dropout rate in every conv block (default ``0``); MC dropout (``epistemic``) uses it
 * ``orientation``   axcodes images are reoriented to (default ``RAS``; ``none`` keeps the file's)
 * ``pretrained``    a local checkpoint served until the model is trained here
 * ``max_epochs``, ``learning_rate``, ``train_batch_size``  training defaults
@@ -40,6 +41,7 @@ class UNet3D(TaskConfig):
         self.modalities = parse_modalities(c.get("modalities", "1", model=name))
         self.preset = c.str("preset", "full", model=name)
         self.spec = UNet3DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1)
+        self.spec.dropout = c.dropout(model=name)
         self.roi_size = c.size("roi_size", "128", 3, model=name)
         bad = [s for s in self.roi_size if s % self.spec.divisor]
         if bad:

@@ -29,7 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoints import incompatibility, read_checkpoint, read_meta
-from ..conf import parse_bool, parse_float, parse_int, parse_size
+from ..conf import ConfError, parse_bool, parse_float, parse_int, parse_size
 from ..inference import largest_component, predict_volume
 from ..runtime import resolve_amp, resolve_device
 
@@ -53,6 +53,7 @@ class SegInferTask(BasicInferTask):
         self.pretrained_path = pretrained_path
         self.in_channels = in_channels
         self._lock = threading.Lock()
+        self._mc_lock = threading.Lock()
         self._loaded: dict[str, tuple[tuple[str, float], torch.nn.Module, dict]] = {}
         cfg = {"tta": False, "overlap": 0.5, "amp": True, "sw_batch_size": 1, "device": "auto"}
         cfg.update(config or {})
@@ -139,24 +140,78 @@ class SegInferTask(BasicInferTask):
     def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
         """Rebuild the network from a checkpoint's meta."""
 
-    def load_network(self, device: torch.device, path: str | None = None) -> tuple[torch.nn.Module, dict]:
-        """A served network on ``device`` (the serving checkpoint unless ``path``), reloaded when its file changes."""
+    def load_network(self, device: torch.device, path: str | None = None,
+                     dropout: float | None = None) -> tuple[torch.nn.Module, dict]:
+        """A served network on ``device`` (the serving checkpoint unless ``path``), reloaded when its file changes.
+
+        ``dropout`` rebuilds it with that dropout rate (same weights: dropout layers hold none), for
+        Monte-Carlo dropout on a model trained with a different rate.
+        """
         if path is None:
             path, _, _ = self._candidate()
         if not path:
             raise ModelNotReady(self.not_ready_reason())
         key = (path, os.stat(path).st_mtime)
+        cache_key = f"{device}|{path}|{dropout}"
         with self._lock:
-            cached = self._loaded.get(f"{device}|{path}")
+            cached = self._loaded.get(cache_key)
             if cached and cached[0] == key:
                 return cached[1], cached[2]
             state, meta = read_checkpoint(path)
-            net = self.build_network(meta)
+            build_meta = meta
+            if dropout is not None:
+                build_meta = {**meta, "spec": {**meta.get("spec", {}), "dropout": float(dropout)}}
+            net = self.build_network(build_meta)
             net.load_state_dict(state, strict=True)
             net.to(device).eval()
-            self._loaded[f"{device}|{path}"] = (key, net, meta)
-            logger.info(f"{self.model_name}: loaded {path} (version {meta.get('version')}) on {device}")
+            self._loaded[cache_key] = (key, net, meta)
+            logger.info(f"{self.model_name}: loaded {path} (version {meta.get('version')}) on {device}"
+                        + (f" with dropout {dropout}" if dropout is not None else ""))
             return net, meta
+
+    def mc_dropout_statistics(self, data: dict[str, Any], dev: torch.device, samples: int,
+                              dropout: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Monte-Carlo dropout over the pre-processed image: ``samples`` passes with the dropout layers sampling.
+
+        Returns the mean softmax ``(K, ...)``, the mean per-sample entropy ``(...)`` (nats) and run
+        info. Uses the dropout rate the served model was trained with unless ``dropout`` is given
+        (test-time dropout on these weights); a model trained without dropout and no ``dropout``
+        given is an error, never a silent zero score. The sampling network is a separate instance,
+        so requests served meanwhile never see dropout switched on.
+        """
+        if samples < 2:
+            raise ConfError(f"MC dropout needs at least 2 samples, got {samples}")
+        _, meta = self.load_network(dev)
+        trained = float((meta.get("spec") or {}).get("dropout", 0.0) or 0.0)
+        if dropout is None and trained <= 0:
+            raise ModelNotReady(
+                f"model '{self.model_name}' (version {meta.get('version')}) was trained without dropout, so MC dropout "
+                f"has nothing to sample; train it with conf {self.model_name}.dropout=0.1 (or similar), or pass "
+                f'{{"dropout": 0.1}} to sample test-time dropout on these weights')
+        rate = trained if dropout is None else float(dropout)
+        if not 0.0 < rate < 1.0:
+            raise ConfError(f"dropout must be in (0, 1), got {dropout}")
+        net, meta = self.load_network(dev, dropout=rate)
+        roi_dims = len(meta.get("roi_size") or self.roi_size)
+        roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
+        policy = resolve_amp(data.get("amp", True), dev)
+        image = torch.as_tensor(data[self.input_key])[None]
+        mean_p: torch.Tensor | None = None
+        mean_h: torch.Tensor | None = None
+        with self._mc_lock, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(0)  # the same study gets the same score from the same model
+            for _ in range(samples):
+                p = predict_volume(net, image, roi, slice_axis=meta.get("slice_axis"),
+                                   overlap=parse_float(data.get("overlap", 0.25), "overlap"),
+                                   sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
+                                   tta=False, amp=policy, device=dev, mc_dropout=True)[0]
+                h = -(p * p.clamp_min(1e-8).log()).sum(0)
+                mean_p = p / samples if mean_p is None else mean_p + p / samples
+                mean_h = h / samples if mean_h is None else mean_h + h / samples
+        assert mean_p is not None and mean_h is not None
+        info = {"samples": samples, "dropout": rate, "dropout_source": "trained" if dropout is None else "test-time",
+                "model_version": meta.get("version")}
+        return mean_p, mean_h, info
 
     def clear_cache(self) -> None:
         self._loaded.clear()

@@ -72,8 +72,9 @@ class NnUNetTrain(SegTrainTask):
     search_postprocessing = True
 
     def __init__(self, *, dims: int, modality_names: Sequence[str], modality_kinds: Sequence[str], gpu_memory_gb: float,
-                 settings: PlannerSettings, iterations_per_epoch: int, **kwargs: Any) -> None:
+                 settings: PlannerSettings, iterations_per_epoch: int, dropout: float = 0.0, **kwargs: Any) -> None:
         self.dims = dims
+        self.dropout = dropout
         self.modality_names = list(modality_names)
         self.modality_kinds = list(modality_kinds)
         self.gpu_memory_gb = gpu_memory_gb
@@ -132,7 +133,8 @@ class NnUNetTrain(SegTrainTask):
         strides = [list(s) for s in plan["strides"]]
         return DynUNetSpec(spatial_dims=self.dims, in_channels=self.in_channels, out_channels=self.num_classes,
                            kernels=[list(k) for k in plan["kernel_sizes"]], strides=strides,
-                           filters=list(plan["filters"]), deep_supervision=True, deep_supr_num=max(1, len(strides) - 2))
+                           filters=list(plan["filters"]), deep_supervision=True, deep_supr_num=max(1, len(strides) - 2),
+                           dropout=self.dropout)
 
     def network_spec(self, context: Context) -> dict[str, Any]:
         return self.spec(context).to_dict()
