@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite (real MONAI Label servers on 127.0.0.1).
+# Set up (if needed: .venv and the slicer-core .venv-slicer) and run the whole test suite
+# (real MONAI Label servers on 127.0.0.1; Slicer's MRML classes from slicer-core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_slicer.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -170,30 +170,18 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
     # ---- Slicer scene (only inside Slicer) ---------------------------------------------------
     def import_label(self, label_path: str, label_names: dict[str, int], reference_volume: Any) -> Any:
         """Load the label into a segmentation node through a colour table built from the label NAMES."""
-        color = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", "UNetSegColours")
-        color.SetTypeToUser()
-        table = colour_table(label_names)
-        color.SetNumberOfColors(max(e["value"] for e in table) + 1)
-        color.SetColor(0, "background", 0, 0, 0, 0)
-        for e in table:
-            color.SetColor(e["value"], e["name"], *e["rgb"], 1.0)
-        labelmap = slicer.util.loadLabelVolume(label_path, {"colorNodeID": color.GetID()})
-        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "UNetSeg")
-        seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
-        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, seg)
-        slicer.mrmlScene.RemoveNode(labelmap)
-        return seg
+        import UNetSegScene
+
+        return UNetSegScene.import_label(slicer.mrmlScene, slicer.modules.segmentations.logic(), label_path, label_names,
+                                         reference_volume)
 
     def export_label(self, segmentation: Any, reference_volume: Any, label_names: dict[str, int]) -> str:
         """Write the corrected segmentation as a label map whose values are the server's (by segment name)."""
-        color = slicer.mrmlScene.GetFirstNodeByName("UNetSegColours")
-        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, labelmap, reference_volume,
-                                                                                 slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, color)
+        import UNetSegScene
+
         path = os.path.join(self.workdir, f"{self.current.get('image', 'label')}_corrected.nii.gz")
-        slicer.util.saveNode(labelmap, path)
-        slicer.mrmlScene.RemoveNode(labelmap)
-        return path
+        return UNetSegScene.export_label(slicer.mrmlScene, slicer.modules.segmentations.logic(), segmentation,
+                                         reference_volume, label_names, path)
 
 
 def plain_words(exc: BaseException) -> str:
