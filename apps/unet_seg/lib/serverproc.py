@@ -1,0 +1,90 @@
+"""A real ``monailabel start_server`` process on 127.0.0.1 serving this app (tests and benchmarks).
+
+Starts the server on a free port with ``--conf`` pairs, waits until ``/info/`` answers, stops it,
+and polls training to its end. Used by the test fixtures and ``benchmarks/clinician_loop.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import requests
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LabelServer:
+    """A real `monailabel start_server` process serving apps/unet_seg (log written to ``log``)."""
+
+    def __init__(self, studies: Path, conf: Mapping[str, str], log: Path, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.studies = Path(studies)
+        self.log = Path(log)
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in conf.items():
+            cmd += ["--conf", k, str(v)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_AUTO_UPDATE_SCORING="false")
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
+                                     cwd=str(cwd or APP_DIR.parents[1]))
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Block until /info/ answers 200; RuntimeError with the log's tail if the server exits or stays silent."""
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        """Terminate the server (kill after 20 s)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def wait_train_done(self, timeout: float = 600, poll_s: float = 2.0) -> dict:
+        """Poll GET /train/ until the latest training task has finished; returns its status."""
+        end = time.time() + timeout
+        status: dict = {}
+        while time.time() < end:
+            r = requests.get(f"{self.url}/train/", timeout=10)
+            if r.status_code == 200:
+                status = r.json()
+                if status.get("status") not in ("SUBMITTED", "RUNNING", "QUEUED", None):
+                    return status
+            time.sleep(poll_s)
+        raise TimeoutError(f"training still running after {timeout}s: {status}")
+
+
+@contextlib.contextmanager
+def running_server(studies: Path, conf: Mapping[str, str], log: Path) -> Iterator[LabelServer]:
+    """Start a real server, wait until /info answers, stop it afterwards."""
+    srv = LabelServer(studies, conf, log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
