@@ -11,7 +11,8 @@ new final labels, ``--epochs`` of fine-tuning), then plays the annotator ``--rou
 3. ``PUT /datastore/label`` with the expert label standing in for the corrected segmentation.
 
 The last submission triggers retraining; the script times submit -> a newer model version on
-/info, and reports the Dice of the served segmentations before correction, and of the first and
+/info (the trainer publishes each better checkpoint as it goes) and submit -> training done,
+and reports the Dice of the served segmentations before correction, and of the first and
 retrained model on the studies still unlabelled (the first model's segmentations of every
 unlabelled study are made once before the loop as the baseline, so the server is warm). Writes ``<out>/clinician_loop.json``.
 
@@ -76,6 +77,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="submissions per retraining (auto_retrain_after)")
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs of the automatic retraining")
     p.add_argument("--strategy", default="uncertainty")
+    p.add_argument("--strategy_params", default="{}", help='JSON body extras, e.g. \'{"dropout": 0.2}\' for epistemic')
     args = p.parse_args()
 
     out = Path(args.out).resolve()
@@ -96,7 +98,7 @@ def main() -> None:
             "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
             "model_dir": str(out / "model"), "auto_retrain_after": str(args.rounds), "max_epochs": str(args.epochs)}
     report: dict = {"labelled": args.labelled, "unlabelled": args.unlabelled, "rounds": args.rounds, "epochs": args.epochs,
-                    "strategy": args.strategy, "cpu_threads": os.cpu_count()}
+                    "strategy": args.strategy, "strategy_params": json.loads(args.strategy_params), "cpu_threads": os.cpu_count()}
     t_start = time.time()
     with running_server(studies, conf, out / "server.log") as srv:
         report["server_start_s"] = round(time.time() - t_start, 1)
@@ -106,7 +108,7 @@ def main() -> None:
         rounds = []
         for r in range(args.rounds):
             t0 = time.time()
-            nxt = requests.post(f"{srv.url}/activelearning/{args.strategy}", json={"client_id": "bench"}, timeout=1800)
+            nxt = requests.post(f"{srv.url}/activelearning/{args.strategy}", json={"client_id": "bench", **json.loads(args.strategy_params)}, timeout=1800)
             nxt.raise_for_status()
             image_id, t_next = nxt.json()["id"], time.time() - t0
             seg, t_infer = infer(srv.url, image_id, segs / f"{image_id}_v1.nii.gz")
@@ -131,9 +133,11 @@ def main() -> None:
                 raise SystemExit("no newer model after an hour")
             time.sleep(1)
             v2 = requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["version"]
-        report["submit_to_retrained_model_s"] = round(time.time() - submitted_at, 1)
-        report["train_status"] = srv.wait_train_done(timeout=600).get("status")
-        report["model_before"], report["model_after"] = v1, v2
+        report["submit_to_retrained_model_s"] = round(time.time() - submitted_at, 1)  # first better checkpoint published
+        report["train_status"] = srv.wait_train_done(timeout=3600, poll_s=0.5).get("status")
+        report["submit_to_training_done_s"] = round(time.time() - submitted_at, 1)
+        v3 = requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["version"]
+        report["model_before"], report["model_first_retrained"], report["model_after"] = v1, v2, v3
         remaining = [i for i in unlabelled if i not in {r["id"] for r in rounds}]
         after, t_after = [], []
         for i in remaining:
@@ -141,6 +145,17 @@ def main() -> None:
             after.append(dice(str(path), str(truth_dir / f"{i}.nii.gz")))
             t_after.append(t)
         report["rounds"] = rounds
+        key = f"{args.strategy}_unet3d"
+        scores = {i: requests.get(f"{srv.url}/datastore/image/info", params={"image": i}, timeout=30).json().get(key)
+                  for i in unlabelled}
+        scored = [i for i in unlabelled if scores.get(i) is not None]
+        report["first_model_dice"] = {i: round(first_model[i], 4) for i in unlabelled}
+        report["scores"] = {i: round(scores[i], 4) for i in scored}
+        if len(scored) > 2:  # does a higher score mean a worse segmentation? (Spearman rank correlation)
+            from scipy.stats import spearmanr
+
+            rho = spearmanr([scores[i] for i in scored], [first_model[i] for i in scored])
+            report["spearman_score_vs_dice"] = round(float(rho.statistic), 3)
         report["remaining"] = remaining
         report["dice_first_model_remaining"] = round(float(np.mean([first_model[i] for i in remaining])), 4) if remaining else None
         report["dice_after_retrain_remaining"] = round(float(np.mean(after)), 4) if after else None
