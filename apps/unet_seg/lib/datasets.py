@@ -113,6 +113,10 @@ def link_studies(cases: list[Case], studies: str) -> int:
         label_name = _stem(name) + os.path.basename(case.label)[len(_stem(case.label)):]  # the image's id, the label's suffix
         for src, dst in ((case.image, os.path.join(studies, name)), (case.label, os.path.join(studies, "labels", "final", label_name))):
             if not os.path.lexists(dst):
-                os.symlink(os.path.abspath(src), dst)
+                try:
+                    os.symlink(os.path.abspath(src), dst)
+                except FileExistsError:  # another process (torchrun rank) linked it first
+                    if os.path.realpath(dst) != os.path.realpath(src):
+                        raise DatasetError(f"{dst} exists and is not {src}") from None
         n += 1
     return n
