@@ -201,6 +201,8 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic: UNetSegLogic | None = None
         self.ui: Any = None
+        self.volume: Any = None
+        self.segmentation: Any = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -258,7 +260,11 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.status("Segmenting ...")
 
         def done(res: dict) -> None:
-            self.segmentation = self.logic.import_label(res["label"], res["label_names"], self.volume)
+            try:
+                self.segmentation = self.logic.import_label(res["label"], res["label_names"], self.volume)
+            except (ValueError, OSError) as e:
+                self.status(f"Could not show the segmentation: {e}")
+                return
             self.status(f"Segmented with {self.model()} version {res['meta'].get('model_version')}; correct it, then Submit")
         try:
             self.logic.segment(self.model(), bool(self.ui.ttaCheckBox.checked), done, self.status)
@@ -267,7 +273,14 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def on_submit(self) -> None:
         names = self.logic.current.get("label_names", {})
-        path = self.logic.export_label(self.segmentation, self.volume, names)
+        if self.segmentation is None or not names:
+            self.status("Nothing to submit yet: press Segment first (or load a study)")
+            return
+        try:
+            path = self.logic.export_label(self.segmentation, self.volume, names)
+        except (ValueError, OSError) as e:
+            self.status(f"Not submitted: {e}")
+            return
 
         def done(res: dict) -> None:
             retrain = res.get("retrain")
