@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "unet_seg"
 sys.path.insert(0, str(APP_DIR))
 
+from lib.checkpoints import read_meta  # noqa: E402
 from lib.datasets import load_cases  # noqa: E402
 from lib.metrics import dice_per_class  # noqa: E402
 from lib.serverproc import running_server  # noqa: E402
@@ -77,6 +78,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="submissions per retraining (auto_retrain_after)")
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs of the automatic retraining")
     p.add_argument("--strategy", default="uncertainty")
+    p.add_argument("--model_file", default=str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
+                   help="unet3d checkpoint served first (preset small, roi 40x56x40; default the embedded sample model)")
     p.add_argument("--strategy_params", default="{}", help='JSON body extras, e.g. \'{"dropout": 0.2}\' for epistemic')
     args = p.parse_args()
 
@@ -95,8 +98,9 @@ def main() -> None:
     unlabelled = sorted(p.name[:-7] for p in truth_dir.glob("*.nii.gz"))
 
     conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "tracking": "none",
-            "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
-            "model_dir": str(out / "model"), "auto_retrain_after": str(args.rounds), "max_epochs": str(args.epochs)}
+            "unet3d.pretrained": str(Path(args.model_file).resolve()),
+            "model_dir": str(out / "model"), "auto_retrain_after": str(args.rounds), "max_epochs": str(args.epochs),
+            "dropout": str(read_meta(args.model_file).get("spec", {}).get("dropout", 0.0))}  # retraining keeps the model's rate
     report: dict = {"labelled": args.labelled, "unlabelled": args.unlabelled, "rounds": args.rounds, "epochs": args.epochs,
                     "strategy": args.strategy, "strategy_params": json.loads(args.strategy_params), "cpu_threads": os.cpu_count()}
     t_start = time.time()

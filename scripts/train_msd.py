@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="default: the model's (unet3d 2e-4, nnU-Net 0.01)")
     p.add_argument("--iterations", type=int, default=None, help="nnU-Net: iterations per epoch")
     p.add_argument("--val_split", type=float, default=0.2)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout rate (conf dropout; lets the epistemic strategy sample it)")
     p.add_argument("--limit", type=int, default=None, help="use only this many cases (random, seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world_size", type=int, default=1)
@@ -63,7 +64,7 @@ def main() -> None:
     from main import UNetSegApp  # noqa: E402  (the app's own module)
 
     conf = {"models": args.model, "model_dir": os.path.join(args.out, "model"), "labels": labels,
-            "preset": args.preset, "roi_size": args.roi, "tracking": args.tracking}
+            "preset": args.preset, "roi_size": args.roi, "tracking": args.tracking, "dropout": str(args.dropout)}
     app = UNetSegApp(APP_DIR, studies, conf)
     start = time.time()
     request = {"model": args.model, "max_epochs": args.epochs, "val_split": args.val_split, "split_seed": args.seed,

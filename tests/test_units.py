@@ -208,3 +208,12 @@ def test_mutual_information_score() -> None:
     # samples split between two confident answers: mean 0.5/0.5, each sample's entropy ~0 -> MI = log 2 -> 1 normalised
     assert mutual_information_score(torch.tensor([[0.5], [0.5]]), torch.zeros(1)) == pytest.approx(1.0, abs=1e-4)
     assert mutual_information_score(torch.tensor([[1.0], [0.0]]), torch.zeros(1)) == 0.0  # clear background only
+
+
+def test_dropout_rate_does_not_block_fine_tuning() -> None:
+    from lib.networks import same_weights_layout
+
+    a = UNet3DSpec.from_preset("small", 1, 3).to_dict()
+    assert same_weights_layout(a, {**a, "dropout": 0.1})
+    assert not same_weights_layout(a, {**a, "base_filters": 8})
+    assert not same_weights_layout(a, None)

@@ -69,6 +69,12 @@ class UNet3DSpec:
         return cls(**data)
 
 
+def same_weights_layout(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """True when two stored specs build networks with the same weights (they may differ in dropout rate only)."""
+    strip = lambda spec: {k: v for k, v in (spec or {}).items() if k != "dropout"}  # noqa: E731
+    return a is not None and b is not None and strip(a) == strip(b)
+
+
 def preset_name(spec: dict[str, Any], presets: dict[str, dict[str, int]]) -> str | None:
     """Name of the size preset a stored network spec was built from (None when it matches none)."""
     for name, values in presets.items():

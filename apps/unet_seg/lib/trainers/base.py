@@ -47,6 +47,7 @@ from ..checkpoints import incompatibility, now_iso, read_checkpoint, read_meta, 
 from ..conf import ConfError, parse_bool, parse_float, parse_int
 from ..inference import largest_component, predict_volume
 from ..metrics import DiceAccumulator
+from ..networks import same_weights_layout
 from ..runtime import AmpPolicy, resolve_amp, resolve_device
 from ..transforms import InputError
 
@@ -565,8 +566,8 @@ class SegTrainTask(BasicTrainTask):
                     continue
                 expected = dict(self.expected_meta())
                 reason = incompatibility(meta, expected)
-                if reason is None and meta.get("spec") != self._current_spec_for_load:
-                    reason = "network spec differs from the current config"
+                if reason is None and not same_weights_layout(meta.get("spec"), self._current_spec_for_load):
+                    reason = "network spec differs from the current config"  # (a different dropout rate does not count)
                 if reason is None:
                     logger.info(f"Initialising from {path} (version {meta.get('version')})")
                     self._initialised_from = meta.get("version")
