@@ -73,7 +73,11 @@ def test_epistemic_mc_dropout_ranks_ambiguous_first_and_refuses_without_dropout(
     request = {"method": "epistemic", "dropout": 0.2, "samples": 4}
     scores = app.scoring(request)["scores"]["unet3d"]
     assert scores["ambiguous"] > scores["clean"] > 0
-    assert app.scoring(request)["scores"]["unet3d"] == scores  # seeded: the same model gives the same score
+    assert app.scoring({**request, "force": True})["scores"]["unet3d"] == scores  # seeded: recomputed, same score
+    app.datastore().update_image_info("clean", {"epistemic_unet3d": -1.0})  # a marker: reused unless forced or stale
+    assert app.scoring(request)["scores"]["unet3d"]["clean"] == -1.0
+    assert app.scoring({**request, "samples": 3})["scores"]["unet3d"]["clean"] > 0  # other params: recomputed
+    assert app.scoring({**request, "force": True})["scores"]["unet3d"]["clean"] == pytest.approx(scores["clean"])
     info = app.datastore().get_image_info("clean")
     assert info["epistemic_unet3d"] == pytest.approx(scores["clean"])
     assert info["epistemic_unet3d_signature"]["dropout"] == 0.2

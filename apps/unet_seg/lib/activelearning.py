@@ -2,7 +2,7 @@
 
 Two score kinds, each a scoring method (POST /scoring/<kind>, scores every unlabelled study and
 stores the scores in the datastore's image info as ``<kind>_<model>`` with the model version and
-params that made them) and a strategy (POST /activelearning/<kind>, the highest-scoring free
+params that made them; a stored score with the same signature is reused unless ``force``) and a strategy (POST /activelearning/<kind>, the highest-scoring free
 study; unscored or stale studies are scored on demand):
 
 * ``uncertainty``: the served model's flip-TTA probabilities (the mean over all axis flips) give
@@ -37,7 +37,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from .conf import parse_float, parse_int
+from .conf import parse_bool, parse_float, parse_int
 from .infers.base import ModelNotReady
 from .runtime import resolve_device
 
@@ -149,6 +149,9 @@ class StudyScoring(ScoringMethod):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         explicit = bool(request.get("model"))
+        # scores are deterministic for a model version and params (TTA; seeded MC dropout), so a stored
+        # one is reused unless asked: MONAI Label re-runs every scoring method after each /activelearning call
+        force = parse_bool(request.get("force", False), "force")
         models = [ready_model(self.infers, request, self.kind.name)] if explicit else \
             [m for m, t in self.infers.items() if t.is_valid()]
         out: dict[str, dict[str, float]] = {}
@@ -157,7 +160,7 @@ class StudyScoring(ScoringMethod):
             try:
                 for image_id in datastore.get_unlabeled_images():
                     out.setdefault(model, {})[image_id] = self.kind.stored_or_computed(
-                        self.infers[model], model, image_id, datastore, request, force=True)
+                        self.infers[model], model, image_id, datastore, request, force=force)
             except ModelNotReady as e:  # e.g. MC dropout on a model trained without dropout
                 if explicit:
                     raise
