@@ -15,7 +15,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from UNetSegLib import ServerError, UNetSegClient, colour_table, label_info
+from UNetSegLib import ServerError, UNetSegClient, label_info
 
 try:  # inside Slicer
     import qt
@@ -115,7 +115,7 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
         """Fetch the models (ready or not) and strategies from /info."""
         def work() -> dict:
             info = self.client.info()
-            self.models = self.client.models()
+            self.models = self.client.models(info)
             return {"models": self.models, "strategies": sorted(info.get("strategies", {}))}
         return self.submit(work, on_done, on_error)
 
@@ -138,7 +138,7 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
             path, meta = self.client.infer(model, image, os.path.join(self.workdir, f"{image}_{model}"), tta=tta)
             names = meta.get("label_names") or self.models.get(model, {}).get("labels", {})
             self.current.update({"label": path, "label_names": names, "model": model})
-            return {"label": path, "label_names": names, "colours": colour_table(names), "meta": meta}
+            return {"label": path, "label_names": names, "meta": meta}
         return self.submit(work, on_done, on_error)
 
     def submit_label(self, label_path: str, label_names: dict[str, int], on_done: Callable[[dict], None],

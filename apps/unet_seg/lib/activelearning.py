@@ -38,26 +38,33 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from .conf import parse_bool, parse_float, parse_int
+from .inference import entropy
 from .infers.base import ModelNotReady
 from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
 
+def _normalised_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Per-voxel entropy of probabilities ``(K, ...)`` divided by log K (in [0, 1])."""
+    return entropy(p) / np.log(p.shape[0])
+
+
+def _foreground_mean(values: torch.Tensor, probs: torch.Tensor, background_floor: float) -> float:
+    """Mean of ``values`` over the voxels ``probs`` does not call clear background (0 if none)."""
+    region = (1.0 - probs[0]) >= background_floor
+    return float(values[region].mean()) if region.any() else 0.0
+
+
 def entropy_score(probs: torch.Tensor, background_floor: float = 0.05) -> float:
     """Mean normalised entropy of ``probs`` ``(K, ...)`` over voxels that are not clear background (0 if none)."""
-    p = probs.float().clamp_min(1e-8)
-    ent = -(p * p.log()).sum(0) / np.log(p.shape[0])
-    region = (1.0 - probs[0]) >= background_floor
-    return float(ent[region].mean()) if region.any() else 0.0
+    return _foreground_mean(_normalised_entropy(probs), probs, background_floor)
 
 
 def mutual_information_score(mean_probs: torch.Tensor, mean_entropy: torch.Tensor, background_floor: float = 0.05) -> float:
     """BALD: mean over not-clear-background voxels of H(mean p) - mean H(p), normalised by log K (0 if none)."""
-    p = mean_probs.float().clamp_min(1e-8)
-    mi = ((-(p * p.log()).sum(0) - mean_entropy.float()) / np.log(p.shape[0])).clamp_min(0)
-    region = (1.0 - mean_probs[0]) >= background_floor
-    return float(mi[region].mean()) if region.any() else 0.0
+    mi = (_normalised_entropy(mean_probs) - mean_entropy.float() / np.log(mean_probs.shape[0])).clamp_min(0)
+    return _foreground_mean(mi, mean_probs, background_floor)
 
 
 def _prepared(task: Any, image_uri: str, request: Mapping[str, Any]) -> tuple[dict, torch.device]:
@@ -123,11 +130,6 @@ SCORES: dict[str, ScoreKind] = {
     "uncertainty": ScoreKind("uncertainty", "flip-TTA entropy", study_uncertainty),
     "epistemic": ScoreKind("epistemic", "MC-dropout mutual information (BALD)", study_epistemic, ("samples", "dropout")),
 }
-
-
-def score_key(model: str, kind: str = "uncertainty") -> str:
-    """Image-info key holding a model's score of ``kind``."""
-    return SCORES[kind].key(model)
 
 
 def ready_model(infers: Mapping[str, Any], request: Mapping[str, Any], purpose: str) -> str:

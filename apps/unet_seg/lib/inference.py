@@ -25,6 +25,12 @@ def flip_combinations(spatial_dims: int) -> list[tuple[int, ...]]:
     return [c for r in range(spatial_dims + 1) for c in itertools.combinations(axes, r)]
 
 
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-voxel entropy (nats) of probabilities ``(K, ...)`` over their first axis."""
+    p = probs.float().clamp_min(1e-8)
+    return -(p * p.log()).sum(0)
+
+
 @torch.no_grad()
 def predict_probabilities(
     net: torch.nn.Module,

@@ -66,9 +66,9 @@ class UNetSegClient:
         """/info: models (ready ones), models_not_ready, labels, strategies, train stats."""
         return self._call("GET", "/info/").json()
 
-    def models(self) -> dict[str, dict]:
-        """Every model the server knows, ready or not, with its ``ready`` flag and label map."""
-        info = self.info()
+    def models(self, info: dict | None = None) -> dict[str, dict]:
+        """Every model the server knows, ready or not, with its ``ready`` flag and label map (from ``info`` if given)."""
+        info = info if info is not None else self.info()
         out = {name: dict(m, ready=True) for name, m in info.get("models", {}).items()}
         out.update({name: dict(m, ready=False) for name, m in info.get("models_not_ready", {}).items()})
         return out

@@ -30,7 +30,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from ..checkpoints import incompatibility, read_checkpoint, read_meta
 from ..conf import ConfError, parse_bool, parse_float, parse_int, parse_size
-from ..inference import largest_component, predict_volume
+from ..inference import entropy, largest_component, predict_volume
 from ..runtime import resolve_amp, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,17 @@ class SegInferTask(BasicInferTask):
                         + (f" with dropout {dropout}" if dropout is not None else ""))
             return net, meta
 
+    def _engine_inputs(self, data: dict[str, Any], meta: Mapping[str, Any], dev: torch.device,
+                       default_overlap: float) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The batch ``(1, C, ...)`` and the engine arguments (window, slice axis, overlap, AMP) a request asks for."""
+        roi_dims = len(meta.get("roi_size") or self.roi_size)
+        roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
+        engine = {"roi_size": roi, "slice_axis": meta.get("slice_axis"), "device": dev,
+                  "overlap": parse_float(data.get("overlap", default_overlap), "overlap"),
+                  "sw_batch_size": parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
+                  "amp": resolve_amp(data.get("amp", True), dev)}
+        return torch.as_tensor(data[self.input_key])[None], engine
+
     def mc_dropout_statistics(self, data: dict[str, Any], dev: torch.device, samples: int,
                               dropout: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Monte-Carlo dropout over the pre-processed image: ``samples`` passes with the dropout layers sampling.
@@ -192,20 +203,14 @@ class SegInferTask(BasicInferTask):
         if not 0.0 < rate < 1.0:
             raise ConfError(f"dropout must be in (0, 1), got {dropout}")
         net, meta = self.load_network(dev, dropout=rate)
-        roi_dims = len(meta.get("roi_size") or self.roi_size)
-        roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
-        policy = resolve_amp(data.get("amp", True), dev)
-        image = torch.as_tensor(data[self.input_key])[None]
+        image, engine = self._engine_inputs(data, meta, dev, default_overlap=0.25)
         mean_p: torch.Tensor | None = None
         mean_h: torch.Tensor | None = None
         with self._mc_lock, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(0)  # the same study gets the same score from the same model
             for _ in range(samples):
-                p = predict_volume(net, image, roi, slice_axis=meta.get("slice_axis"),
-                                   overlap=parse_float(data.get("overlap", 0.25), "overlap"),
-                                   sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
-                                   tta=False, amp=policy, device=dev, mc_dropout=True)[0]
-                h = -(p * p.clamp_min(1e-8).log()).sum(0)
+                p = predict_volume(net, image, tta=False, mc_dropout=True, **engine)[0]
+                h = entropy(p)
                 mean_p = p / samples if mean_p is None else mean_p + p / samples
                 mean_h = h / samples if mean_h is None else mean_h + h / samples
         assert mean_p is not None and mean_h is not None
@@ -234,23 +239,15 @@ class SegInferTask(BasicInferTask):
         members = [(net, meta)]
         if parse_bool(data.get("ensemble", False), "ensemble"):
             members = [self.load_network(dev, path) for path, _ in self.ensemble_members()] or members
-        roi_dims = len(meta.get("roi_size") or self.roi_size)
-        roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
         tta = parse_bool(data.get("tta", False), "tta")
-        policy = resolve_amp(data.get("amp", True), dev)
-        image = torch.as_tensor(data[self.input_key])[None]
+        image, engine = self._engine_inputs(data, meta, dev, default_overlap=0.5)
         probs = None
         for member, _ in members:
-            p = predict_volume(
-                member, image, roi, slice_axis=meta.get("slice_axis"),
-                overlap=parse_float(data.get("overlap", 0.5), "overlap"),
-                blend=str(data.get("blend", "gaussian")),
-                sw_batch_size=parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
-                tta=tta, amp=policy, device=dev,
-            )
+            p = predict_volume(member, image, blend=str(data.get("blend", "gaussian")), tta=tta, **engine)
             probs = p if probs is None else probs + p
         assert probs is not None
-        info = {"tta": tta, "amp": policy.describe(), "roi_size": list(roi), "model_version": meta.get("version"), "ensemble": len(members)}
+        info = {"tta": tta, "amp": engine["amp"].describe(), "roi_size": list(engine["roi_size"]), "model_version": meta.get("version"),
+                "ensemble": len(members)}
         return probs / len(members), meta, info
 
     def save_probabilities(self, image: Any, path: str, request: dict[str, Any]) -> str:
