@@ -87,6 +87,9 @@ def test_epistemic_mc_dropout_ranks_ambiguous_first_and_refuses_without_dropout(
     with pytest.raises(HTTPException) as err:
         app.next_sample({"strategy": "bald"})
     assert err.value.status_code == 404 and "epistemic" in err.value.detail
+    with pytest.raises(HTTPException) as err:
+        app.next_sample({"strategy": "uncertainty", "model": "nosuch"})
+    assert err.value.status_code == 404 and "unet3d" in err.value.detail
 
 
 def test_strategies_over_rest(tmp_path: Path) -> None:

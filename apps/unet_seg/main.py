@@ -111,6 +111,9 @@ class UNetSegApp(MONAILabelApp):
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
             raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
+        model = request.get("model")
+        if model and model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}")
         try:
             return super().next_sample(request)
         except ModelNotReady as e:
