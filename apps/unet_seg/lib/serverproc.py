@@ -30,7 +30,8 @@ def free_port() -> int:
 class LabelServer:
     """A real `monailabel start_server` process serving apps/unet_seg (log written to ``log``)."""
 
-    def __init__(self, studies: Path, conf: Mapping[str, str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(self, studies: Path, conf: Mapping[str, str], log: Path, cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.studies = Path(studies)
@@ -39,8 +40,8 @@ class LabelServer:
                "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in conf.items():
             cmd += ["--conf", k, str(v)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_AUTO_UPDATE_SCORING="false")
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_AUTO_UPDATE_SCORING="false", **(env or {}))
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=full_env,
                                      cwd=str(cwd or APP_DIR.parents[1]))
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -80,9 +81,10 @@ class LabelServer:
 
 
 @contextlib.contextmanager
-def running_server(studies: Path, conf: Mapping[str, str], log: Path) -> Iterator[LabelServer]:
-    """Start a real server, wait until /info answers, stop it afterwards."""
-    srv = LabelServer(studies, conf, log)
+def running_server(studies: Path, conf: Mapping[str, str], log: Path,
+                   env: Mapping[str, str] | None = None) -> Iterator[LabelServer]:
+    """Start a real server (``env`` added to its environment), wait until /info answers, stop it afterwards."""
+    srv = LabelServer(studies, conf, log, env=env)
     try:
         srv.wait_ready()
         yield srv
