@@ -17,8 +17,11 @@ Nothing is downloaded at start-up.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -33,9 +36,11 @@ from monailabel.utils.async_tasks.task import AsyncTask
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.activelearning import scoring_methods, strategies
 from lib.conf import AppConf, ConfError, parse_names
-from lib.datastore import ValidatingDatastore
+from lib.datastore import UploadRules, ValidatingDatastore
 from lib.infers.base import ModelNotReady
-from lib.transforms import InputError
+from lib.serving.limits import BodyGuard, Limits
+from lib.serving.routes import Routes
+from lib.validation import InputError, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class UNetSegApp(MONAILabelApp):
         self.app_conf = AppConf(conf)
         self.model_dir = os.path.abspath(self.app_conf.str("model_dir", os.path.join(app_dir, "model")))
         os.makedirs(self.model_dir, exist_ok=True)
+        remove_publish_leftovers(self.model_dir)
+        self.limits = Limits.from_conf(self.app_conf)
         self.model_names = parse_names(self.app_conf.get("models", "all"), CONFIG_NAMES, "models")
         self.models = {}
         for name in self.model_names:
@@ -66,12 +73,38 @@ class UNetSegApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        return ValidatingDatastore(
+        datastore = ValidatingDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+        datastore.configure(self.upload_rules())
+        return datastore
+
+    def upload_rules(self) -> UploadRules:
+        """What uploads must be to serve at least one model: channels and dims, label values; limits."""
+        inputs: set[tuple[int, int]] = set()
+        values: set[int] = set()
+        for name, cfg in self.models.items():
+            channels = len(cfg.modalities)
+            two_d = name in ("unet2d", "nnunet2d")  # 2D models take images and, slice by slice, volumes
+            inputs |= {(channels, 2), (channels, 3)} if two_d else {(channels, 3)}
+            values |= set(cfg.labels.values()) | set(getattr(cfg, "label_map", {}) or {})
+        return UploadRules(inputs=inputs, label_values=values, max_voxels=self.limits.max_voxels,
+                           label_tolerance_mm=self.limits.label_tolerance_mm)
+
+    def on_init_complete(self) -> None:
+        """Server mode: put the admission-checked, off-the-loop routes and the body guard in front of MONAI Label's."""
+        server = sys.modules.get("monailabel.app")
+        if server is not None:
+            fastapi_app = server.app
+            Routes(self, self.limits).install(fastapi_app)
+            if fastapi_app.middleware_stack is None:
+                fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+            folders = [self.studies, self.model_dir, self.app_dir, tempfile.gettempdir(), sys.prefix]
+            fastapi_app.middleware_stack = BodyGuard(fastapi_app.middleware_stack, self.limits, lambda: folders)
+        super().on_init_complete()
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: cfg.infer() for name, cfg in self.models.items()}
@@ -138,10 +171,20 @@ class UNetSegApp(MONAILabelApp):
         except ModelNotReady as e:
             raise HTTPException(status_code=409, detail=str(e)) from e
         except (InputError, ConfError) as e:
-            raise HTTPException(status_code=422, detail=f"{model}: {e}") from e
+            raise HTTPException(status_code=413 if isinstance(e, TooLarge) else 422, detail=f"{model}: {e}") from e
 
     def train(self, request: dict) -> dict:
         model = request.get("model")
         if model not in self._trainers:
             raise ConfError(f"unknown model {model!r}; trainable models: {', '.join(self._trainers)}")
         return super().train(request)
+
+
+def remove_publish_leftovers(model_dir: str) -> None:
+    """Remove temp files of publishes interrupted by a crash or kill -9 (``.publish_*.pt``)."""
+    for path in glob.glob(os.path.join(model_dir, "**", ".publish_*"), recursive=True):
+        try:
+            os.remove(path)
+            logger.warning(f"removed the leftover of an interrupted publish: {os.path.basename(path)}")
+        except OSError as e:
+            logger.warning(f"cannot remove leftover {os.path.basename(path)}: {e}")

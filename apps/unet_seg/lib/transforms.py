@@ -42,8 +42,7 @@ from monai.transforms import (
 )
 
 
-class InputError(ValueError):
-    """Bad user input (file, shape, channels, label values); the message names what was wrong."""
+from .validation import InputError, check_image, check_dtype, check_finite  # noqa: E402  (InputError re-exported)
 
 
 def _source(data: Mapping[Hashable, Any], key: Hashable) -> str:
@@ -61,6 +60,7 @@ class SafeLoadImaged(MapTransform):
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs: Any) -> None:
         super().__init__(keys, allow_missing_keys)
+        kwargs.setdefault("dtype", None)  # keep the file's data type so CheckImaged/CheckLabeld can judge it
         self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, image_only=True, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -73,6 +73,21 @@ class SafeLoadImaged(MapTransform):
             while root.__cause__ is not None:
                 root = root.__cause__
             raise InputError(f"cannot read {names}: {type(root).__name__}: {root}") from e
+
+
+class CheckImaged(MapTransform):
+    """Refuse images with a non-real data type, NaN/Inf voxels, empty axes or a degenerate affine; cast to float32."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            arr = img.array if isinstance(img, MetaTensor) else np.asarray(img)
+            affine = np.asarray(img.affine) if isinstance(img, MetaTensor) and img.affine.shape == (4, 4) else None
+            check_image(arr, affine, f"{key} {_source(data, key)}")
+            out = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+            d[key] = MetaTensor(out, meta=img.meta) if isinstance(img, MetaTensor) else out
+        return d
 
 
 class CheckChannelsd(MapTransform):
@@ -122,6 +137,8 @@ class CheckLabeld(MapTransform):
         for key in self.key_iterator(d):
             lab = d[key]
             arr = lab.array if isinstance(lab, MetaTensor) else np.asarray(lab)
+            check_dtype(arr, f"label {_source(data, key)}")
+            check_finite(arr, f"label {_source(data, key)}")
             if self.image_key in d and tuple(d[self.image_key].shape[1:]) != tuple(arr.shape[1:]):
                 raise InputError(
                     f"label {_source(data, key)}: spatial shape {tuple(arr.shape[1:])} differs from "
@@ -156,6 +173,7 @@ def load_chain(keys: Sequence[str], channels: int, spatial_dims: int | Sequence[
     """
     chain: list = [
         SafeLoadImaged(keys=list(keys)),
+        CheckImaged(keys="image"),
         EnsureChannelFirstd(keys=list(keys)),
         CheckChannelsd(keys="image", channels=channels, spatial_dims=spatial_dims, modality_names=modality_names),
     ]

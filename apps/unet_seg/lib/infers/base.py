@@ -140,6 +140,10 @@ class SegInferTask(BasicInferTask):
     def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
         """Rebuild the network from a checkpoint's meta."""
 
+    @abstractmethod
+    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
+        """What every window size must be a multiple of (one factor per down-sampling of the network)."""
+
     def load_network(self, device: torch.device, path: str | None = None,
                      dropout: float | None = None) -> tuple[torch.nn.Module, dict]:
         """A served network on ``device`` (the serving checkpoint unless ``path``), reloaded when its file changes.
@@ -174,6 +178,12 @@ class SegInferTask(BasicInferTask):
         """The batch ``(1, C, ...)`` and the engine arguments (window, slice axis, overlap, AMP) a request asks for."""
         roi_dims = len(meta.get("roi_size") or self.roi_size)
         roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
+        if data.get("roi_size"):
+            div = self.window_divisor(meta)
+            divs = [int(div)] * roi_dims if isinstance(div, int) else [int(d) for d in div][-roi_dims:]
+            if any(r % d for r, d in zip(roi, divs)):
+                raise ConfError(f"roi_size: {list(roi)} is not a multiple of {divs} (the network halves each axis "
+                                f"that many times); try {[max(d, (r // d) * d) for r, d in zip(roi, divs)]}")
         engine = {"roi_size": roi, "slice_axis": meta.get("slice_axis"), "device": dev,
                   "overlap": parse_float(data.get("overlap", default_overlap), "overlap"),
                   "sw_batch_size": parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
@@ -311,11 +321,33 @@ class SegInferTask(BasicInferTask):
                 ext = ".tif"
             data["result_extension"] = ext
         data.setdefault("result_dtype", "uint8" if len(self.labels) < 255 else "int16")
-        label_file, result = super().writer(data, extension, dtype)
+        if str(data["result_extension"]).lower() in (".nii", ".nii.gz"):
+            label_file, result = self._write_nifti(data)  # ITK's writer drops/permutes singleton axes
+        else:
+            label_file, result = super().writer(data, extension, dtype)
         result = dict(result or {})
         result.update(data.get("_infer_info", {}))
         result["label_values"] = dict(self.labels)
         return label_file, result
+
+
+    def _write_nifti(self, data: dict[str, Any]) -> tuple[str, dict]:
+        """The label as NIfTI with exactly the request image's shape and affine (temp file; the route removes it)."""
+        import tempfile
+
+        import nibabel as nib
+
+        label = data[self.output_label_key]
+        arr = np.asarray(label.array if isinstance(label, MetaTensor) else label).astype(str(data["result_dtype"]))
+        affine = np.asarray(label.affine, dtype=np.float64) if isinstance(label, MetaTensor) else np.eye(4)
+        fd, path = tempfile.mkstemp(suffix=str(data["result_extension"]).lower())
+        os.close(fd)
+        try:
+            nib.save(nib.Nifti1Image(arr, affine), path)
+        except Exception:
+            os.remove(path)
+            raise
+        return path, dict(data.get(self.output_json_key) or {})
 
 
 class RestoreGeometry:

@@ -22,6 +22,9 @@ class NnUNetInfer(SegInferTask):
     def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
         return build_dynunet(DynUNetSpec.from_dict(meta["spec"]))
 
+    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
+        return DynUNetSpec.from_dict(meta["spec"]).divisor
+
     def served_plan(self) -> dict:
         """The plan of the checkpoint that will serve the next request."""
         path, meta, _ = self._candidate()

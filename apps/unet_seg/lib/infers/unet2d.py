@@ -22,5 +22,8 @@ class UNet2DInfer(SegInferTask):
     def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
         return build_unet2d(UNet2DSpec.from_dict(meta["spec"]))
 
+    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
+        return UNet2DSpec.from_dict(meta["spec"]).divisor
+
     def pre_transforms(self, data: Any = None) -> list:
         return [*load_chain(["image"], self.in_channels, (2, 3), None, None, self.modality_names), *zscore_image("image")]

@@ -23,5 +23,8 @@ class UNet3DInfer(SegInferTask):
     def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
         return build_unet3d(UNet3DSpec.from_dict(meta["spec"]))
 
+    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
+        return UNet3DSpec.from_dict(meta["spec"]).divisor
+
     def pre_transforms(self, data: Any = None) -> list:
         return [*load_chain(["image"], self.in_channels, 3, None, self.orientation, self.modality_names), *zscore_nonzero("image")]

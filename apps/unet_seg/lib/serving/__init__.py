@@ -1,0 +1,1 @@
+"""Request-facing layer: admission (limits, params, validation), the bounded inference executor, routes."""

@@ -1,0 +1,296 @@
+"""The request-facing routes that replace MONAI Label's for inference, uploads, training and next-sample.
+
+Installed in front of MONAI Label's own routes (same paths, same replies, same auth dependency)
+when the app starts in server mode. Each route follows one direction:
+route -> admission (params, ids, file headers, limits) -> executor or worker thread -> task.
+
+* ``POST /infer/{model}``   params checked, image header probed (voxel limit) on the loop, then
+  the inference (which reads and checks every voxel) runs on the bounded executor; 503 +
+  ``Retry-After`` when its queue is full; a queued request whose client left is dropped.
+* ``PUT /datastore/image``, ``PUT /datastore/label``  streamed to a per-request temp folder,
+  checked and stored in a worker thread; 409 for an existing image id unless ``overwrite``.
+* ``POST /train/{model}``, ``POST /activelearning/{strategy}``  body checked before any task exists;
+  the work starts off the loop.
+Every request's temp folder is removed when its reply has been sent, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ..conf import ConfError, parse_bool
+from ..datastore import check_id
+from ..validation import InputError, TooLarge, file_suffix, probe_file, check_affine
+from .executor import BoundedExecutor, QueueFull
+from .limits import Limits
+from .params import INFER_FIELDS, TRAIN_FIELDS, check_params, parse_params
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("image", "json", "all", "dicom_seg")
+
+
+def http_error(e: BaseException) -> HTTPException:
+    """The 4xx for a client's mistake (TooLarge 413, bad input 422, busy 503); others pass through."""
+    if isinstance(e, HTTPException):
+        return e
+    if isinstance(e, TooLarge):
+        return HTTPException(status_code=413, detail=str(e))
+    if isinstance(e, (InputError, ConfError)):
+        return HTTPException(status_code=422, detail=str(e))
+    if isinstance(e, QueueFull):
+        return HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after)})
+    raise e
+
+
+class RequestFiles:
+    """A request's multipart form, with every uploaded file copied into its own temp folder."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="unet_seg-req-")
+        self.fields: dict[str, str] = {}
+        self.files: dict[str, tuple[str, str]] = {}  # field -> (path on disk, client's file name)
+
+    async def read(self, request: Request, file_fields: tuple[str, ...]) -> "RequestFiles":
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return self
+        form = await request.form(max_files=4, max_fields=16, max_part_size=1024 * 1024)
+        try:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key not in file_fields:
+                        raise HTTPException(status_code=422, detail=f"unexpected file field {key!r}; expected: {', '.join(file_fields)}")
+                    name = os.path.basename(value.filename or "upload.nii.gz")
+                    path = os.path.join(self.folder, f"{key}{file_suffix(name)}")
+                    with open(path, "wb") as out:
+                        await run_in_threadpool(shutil.copyfileobj, value.file, out, 1024 * 1024)
+                    self.files[key] = (path, name)
+                else:
+                    self.fields[key] = value
+        finally:
+            await form.close()
+        return self
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def remove_paths(*paths: str | None) -> None:
+    """Remove files or folders (result files, request temp folders) after the reply was sent."""
+    for path in paths:
+        if not path:
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+class Routes:
+    """Owns the executor and the route functions; ``install`` puts them in front of MONAI Label's."""
+
+    def __init__(self, app: Any, limits: Limits) -> None:
+        self.app = app  # the UNetSegApp
+        self.limits = limits
+        self.executor = BoundedExecutor("infer", limits.infer_workers, limits.infer_queue)
+
+    # ---- inference ------------------------------------------------------------------------
+    def _resolve_image(self, files: RequestFiles, image: str, session_id: str) -> str:
+        """Path of the image to segment: an uploaded file, a datastore id or a session; header checked."""
+        if "file" in files.files:
+            path, name = files.files["file"]
+        elif image:
+            check_id(image)
+            datastore = self.app.datastore()
+            if image not in datastore.list_images():
+                raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
+            path = datastore.get_image_uri(image)
+            name = path
+        elif session_id:
+            check_id(session_id, "session id")
+            session = self.app.sessions().get_session(session_id) if self.app.sessions() else None
+            if not session:
+                raise HTTPException(status_code=404, detail=f"session {session_id!r} not found (expired?)")
+            return session.image
+        else:
+            raise HTTPException(status_code=422, detail="image: give a datastore image id (?image=<id>) or upload the image as form field 'file'")
+        if os.path.isdir(path):
+            return path  # a DICOM series folder: the reader checks it
+        header = probe_file(path, name, self.limits.max_voxels)
+        check_affine(header.affine, "image")
+        return path
+
+    async def infer(self, request: Request, model: str, image: str = "", session_id: str = "",
+                    output: str | None = None) -> Response:
+        files = RequestFiles()
+        keep_folder = False
+        try:
+            if model not in self.app._infers:
+                raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}")
+            if output is not None and output not in OUTPUTS:
+                raise HTTPException(status_code=422, detail=f"output: expected one of {', '.join(OUTPUTS)}; got {output[:40]!r}")
+            if output == "dicom_seg" and not self.app.studies.startswith(("http://", "https://")):
+                raise HTTPException(status_code=422, detail="output=dicom_seg needs a DICOMweb datastore; this server stores "
+                                                            "files (use output=image, json or all)")
+            await files.read(request, ("file", "label"))
+            if "label" in files.files:
+                raise HTTPException(status_code=422, detail=f"label: model {model!r} takes no input label (send only 'file' or ?image=)")
+            params = check_params(parse_params(files.fields.get("params"), "params"), INFER_FIELDS, "params")
+            path = self._resolve_image(files, image, session_id)
+            req = {**params, "model": model, "image": path}
+            result = await self.executor.run(self.app.infer, req, client_gone=request.is_disconnected)
+            result_file = result.get("file")
+            keep_folder = True
+            cleanup = BackgroundTask(remove_paths, result_file, files.folder)
+            return self._reply(result, output or "all", cleanup)
+        except asyncio.CancelledError:
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - mapped to the client's 4xx or re-raised
+            err = http_error(e)
+            if "file" in files.files and isinstance(err.detail, str):  # name the client's file, not our temp path
+                path, name = files.files["file"]
+                err.detail = err.detail.replace(path, f"(uploaded file {name[-60:]!r})")
+            raise err from e
+        finally:
+            if not keep_folder:
+                files.cleanup()
+
+    @staticmethod
+    def _reply(result: dict[str, Any], output: str, cleanup: BackgroundTask) -> Response:
+        res_file = result.get("file")
+        res_json = result.get("params") or {}
+        if output == "json" or not res_file or not os.path.exists(res_file):
+            return JSONResponse(res_json, background=cleanup)
+        if output == "image":
+            media = "application/gzip" if res_file.endswith(".gz") else "application/octet-stream"
+            return FileResponse(res_file, media_type=media, filename=os.path.basename(res_file), background=cleanup)
+        from requests_toolbelt import MultipartEncoder
+
+        with open(res_file, "rb") as f:
+            encoder = MultipartEncoder(fields={"params": (None, json.dumps(res_json), "application/json"),
+                                               "image": (os.path.basename(res_file), f.read(), "application/octet-stream")})
+            return Response(content=encoder.to_string(), media_type=encoder.content_type, background=cleanup)
+
+    # ---- datastore uploads ----------------------------------------------------------------
+    async def add_image(self, request: Request, image: str | None = None, user: User | None = None) -> dict:
+        files = RequestFiles()
+        try:
+            await files.read(request, ("file",))
+            if "file" not in files.files:
+                raise HTTPException(status_code=422, detail="file: upload the image as multipart form field 'file'")
+            path, name = files.files["file"]
+            image_id = image or name[: -len(file_suffix(name))]
+            check_id(image_id)
+            params = parse_params(files.fields.get("params"), "params")
+            overwrite = parse_bool(params.pop("overwrite", False), "overwrite")
+            if len(json.dumps(params)) > 100_000:
+                raise ConfError("params: too long (over 100,000 characters)")
+            if user is not None and getattr(user, "username", None):
+                params["user"] = user.username
+            return await run_in_threadpool(self.app.datastore().add_checked_image, image_id, path, name, params, overwrite)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+        finally:
+            files.cleanup()
+
+    async def save_label(self, request: Request, image: str, tag: str = "final", user: User | None = None) -> dict:
+        files = RequestFiles()
+        try:
+            check_id(image)
+            check_id(tag or "final", "label tag")
+            await files.read(request, ("label",))
+            if "label" not in files.files:
+                raise HTTPException(status_code=422, detail="label: upload the label as multipart form field 'label'")
+            path, name = files.files["label"]
+            params = parse_params(files.fields.get("params"), "params")
+            if len(json.dumps(params)) > 100_000:
+                raise ConfError("params: too long (over 100,000 characters)")
+
+            def store() -> dict:
+                label_id = self.app.datastore().save_checked_label(image, path, name, tag or "final", params)
+                res = self.app.on_save_label(image, label_id) or {}
+                return {**res, "image": image, "label": label_id}
+
+            return await run_in_threadpool(store)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+        finally:
+            files.cleanup()
+
+    # ---- training and next sample ---------------------------------------------------------
+    async def _json_body(self, request: Request, what: str) -> dict[str, Any]:
+        body = await request.body()
+        return parse_params(body, what)
+
+    async def train(self, request: Request, model: str, run_sync: bool = False, enqueue: bool = False) -> Any:
+        try:
+            if model not in self.app._trainers:
+                raise HTTPException(status_code=404, detail=f"unknown model {model!r}; trainable models: {', '.join(self.app._trainers)}")
+            params = check_params(await self._json_body(request, "training request"), TRAIN_FIELDS, "training request")
+            from monailabel.endpoints.train import run_model
+
+            return await run_in_threadpool(run_model, model, params, run_sync, enqueue)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+
+    async def next_sample(self, request: Request, strategy: str, user: User | None = None) -> Any:
+        try:
+            params = await self._json_body(request, "active learning request")
+            from monailabel.endpoints.activelearning import sample
+
+            return await run_in_threadpool(sample, strategy, params, getattr(user, "username", None))
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+
+    # ---- installation -----------------------------------------------------------------------
+    def install(self, fastapi_app: FastAPI) -> None:
+        """Put these routes in front of MONAI Label's (same paths and auth dependency)."""
+        user = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+        annotator = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
+        admin = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+        routes = self
+
+        async def infer(request: Request, model: str, image: str = "", session_id: str = "", output: str | None = None,
+                        u: User = user) -> Response:
+            return await routes.infer(request, model, image, session_id, output)
+
+        async def add_image(request: Request, image: str | None = None, u: User = annotator) -> dict:
+            return await routes.add_image(request, image, u)
+
+        async def save_label(request: Request, image: str, tag: str = "final", u: User = annotator) -> dict:
+            return await routes.save_label(request, image, tag, u)
+
+        async def train(request: Request, model: str, run_sync: bool = False, enqueue: bool = False, u: User = admin) -> Any:
+            return await routes.train(request, model, run_sync, enqueue)
+
+        async def next_sample(request: Request, strategy: str, u: User = user) -> Any:
+            return await routes.next_sample(request, strategy, u)
+
+        table: list[tuple[str, list[str], Callable[..., Any]]] = [
+            ("/infer/{model}", ["POST"], infer),
+            ("/datastore/image", ["PUT"], add_image),
+            ("/datastore/", ["PUT"], add_image),
+            ("/datastore/label", ["PUT"], save_label),
+            ("/train/{model}", ["POST"], train),
+            ("/activelearning/{strategy}", ["POST"], next_sample),
+        ]
+        new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/") for path, methods, fn in table]
+        fastapi_app.router.routes[:0] = new
+        logger.info(f"unet_seg routes installed: {', '.join(p for p, _, _ in table)}; "
+                    f"inference workers {self.executor.workers}, queue {self.executor.queue}")
