@@ -99,7 +99,8 @@ class UNetSegApp(MONAILabelApp):
         server = sys.modules.get("monailabel.app")
         if server is not None:
             fastapi_app = server.app
-            Routes(self, self.limits).install(fastapi_app)
+            self.routes = Routes(self, self.limits)
+            self.routes.install(fastapi_app)
             if fastapi_app.middleware_stack is None:
                 fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
             folders = [self.studies, self.model_dir, self.app_dir, tempfile.gettempdir(), sys.prefix]
@@ -160,6 +161,9 @@ class UNetSegApp(MONAILabelApp):
             name: task.info() for name, task in self._infers.items() if not task.is_valid()
         }
         out["model_dir"] = self.model_dir
+        routes = getattr(self, "routes", None)
+        if routes is not None:
+            out["inference_queue"] = routes.executor.stats()
         return out
 
     def infer(self, request: dict, datastore: Any = None) -> dict:

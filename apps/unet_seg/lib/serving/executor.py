@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -55,12 +54,13 @@ class BoundedExecutor:
         self._pending = 0  # submitted and not finished (running + waiting)
         self._running = 0
         self._done = 0
+        self._dropped = 0  # cancelled before they started (client gone)
         self._recent: list[float] = []  # durations of the last jobs, for Retry-After
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"workers": self.workers, "queue_limit": self.queue, "running": self._running,
-                    "waiting": self._pending - self._running, "completed": self._done}
+                    "waiting": self._pending - self._running, "completed": self._done, "dropped": self._dropped}
 
     def _retry_after(self) -> int:
         typical = sorted(self._recent)[len(self._recent) // 2] if self._recent else 5.0
@@ -94,7 +94,9 @@ class BoundedExecutor:
     def _finished(self, future: concurrent.futures.Future) -> None:
         with self._lock:
             self._pending -= 1
-            if not future.cancelled():
+            if future.cancelled():
+                self._dropped += 1
+            else:
                 self._done += 1
 
     async def run(self, fn: Callable[..., T], *args: Any, client_gone: Callable[[], Awaitable[bool]] | None = None,
@@ -118,10 +120,3 @@ class BoundedExecutor:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-
-def cpu_count() -> int:
-    """Usable CPU cores of this process."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1

@@ -249,6 +249,20 @@ class Routes:
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
+    async def train_all(self, request: Request, run_sync: bool = False) -> Any:
+        """``POST /train/`` (every model): the body maps model names to their training requests."""
+        try:
+            body = await self._json_body(request, "training request")
+            for model, params in body.items():
+                if model not in self.app._trainers:
+                    raise HTTPException(status_code=404, detail=f"unknown model {str(model)[:60]!r}; trainable models: {', '.join(self.app._trainers)}")
+                check_params(parse_params(params, f"training request for {model}"), TRAIN_FIELDS, f"training request for {model}")
+            from monailabel.endpoints.train import run
+
+            return await run_in_threadpool(run, body, run_sync)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+
     async def next_sample(self, request: Request, strategy: str, user: User | None = None) -> Any:
         try:
             params = await self._json_body(request, "active learning request")
@@ -279,6 +293,9 @@ class Routes:
         async def train(request: Request, model: str, run_sync: bool = False, enqueue: bool = False, u: User = admin) -> Any:
             return await routes.train(request, model, run_sync, enqueue)
 
+        async def train_all(request: Request, run_sync: bool = False, u: User = admin) -> Any:
+            return await routes.train_all(request, run_sync)
+
         async def next_sample(request: Request, strategy: str, u: User = user) -> Any:
             return await routes.next_sample(request, strategy, u)
 
@@ -288,6 +305,7 @@ class Routes:
             ("/datastore/", ["PUT"], add_image),
             ("/datastore/label", ["PUT"], save_label),
             ("/train/{model}", ["POST"], train),
+            ("/train/", ["POST"], train_all),
             ("/activelearning/{strategy}", ["POST"], next_sample),
         ]
         new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/") for path, methods, fn in table]
