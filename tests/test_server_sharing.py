@@ -36,6 +36,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "unet3d.pretrained": str(SAMPLE_MODEL),
             "model_dir": str(base / "model"), "tracking": "none", "auto_retrain_after": "0",
             "infer_workers": "1", "infer_queue": "4"}
+    (base / "model").mkdir()
+    (base / "model" / ".publish_abc123.pt").write_bytes(b"half-written checkpoint of a killed training")
     with running_server(studies, conf, base / "server.log") as srv:
         yield srv
 
@@ -173,3 +175,27 @@ def test_reupload_is_409_unless_overwrite_and_labels_follow_the_geometry(shared:
     assert not label_path.exists()
     listing = requests.get(f"{shared.url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
     assert "final" not in listing["hippocampus_003"]["labels"]
+
+
+def test_startup_removed_the_interrupted_publish(shared: Server) -> None:
+    model_dir = shared.studies.parent / "model"
+    assert not list(model_dir.glob(".publish_*")), list(model_dir.iterdir())
+    assert "leftover of an interrupted publish" in shared.log.read_text()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (64, 1, 1), (5, 7, 3), (3, 1, 64)])
+def test_small_and_thin_images_get_a_label_of_exactly_their_shape(shared: Server, shape: tuple[int, int, int],
+                                                                  tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.9, 1.1, 1.3, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 2.5]
+    payload = nib.Nifti1Image(rng.normal(100, 20, shape).astype(np.float32), affine).to_bytes()
+    r = requests.post(f"{shared.url}/infer/unet3d", params={"output": "image"}, files={"file": ("thin.nii", payload)},
+                      data={"params": json.dumps({"tta": True})}, timeout=300)
+    assert r.status_code == 200, r.text
+    out = tmp_path / "seg.nii.gz"
+    out.write_bytes(r.content)
+    seg = nib.load(out)
+    assert seg.shape == shape
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2}

@@ -160,7 +160,7 @@ def test_label_checks_name_the_problem(tmp_path: Path) -> None:
     trunc = tmp_path / "trunc.nii.gz"
     trunc.write_bytes(img_path.read_bytes()[:500])
     msg = input_error(chain, {"image": str(trunc), "label": str(lab_path)})
-    assert "cannot read" in msg and "trunc.nii.gz" in msg
+    assert "cannot be read" in msg and "trunc.nii.gz" in msg
 
 
 def test_dice_per_class_conventions() -> None:

@@ -32,7 +32,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from .conf import parse_bool
-from .validation import FileHeader, InputError, check_image, check_label, file_suffix, probe_file, read_voxels
+from .validation import FileHeader, InputError, check_affine, check_image, check_label, file_suffix, probe_file, read_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,26 @@ def image_layout(header: FileHeader | None, shape: tuple[int, ...]) -> tuple[int
     if len(shape) == 4:
         return shape[3], 3
     raise InputError(f"image has {len(shape)} dimensions (shape {shape}); expected 2D or 3D, optionally with a channel axis")
+
+
+def check_image_upload(rules: UploadRules, path: str, name: str) -> tuple[FileHeader, tuple[int, ...], np.ndarray | None]:
+    """Probe, decode and check an image file for any datastore: (header, array shape, affine) or InputError/TooLarge."""
+    header = probe_file(path, name, rules.max_voxels)
+    arr, affine = read_voxels(path, header)
+    check_image(arr, affine, "image")
+    channels, dims = image_layout(header, tuple(arr.shape))
+    if (channels, dims) not in rules.inputs:
+        served = ", ".join(f"{c} channel(s) {d}D" for c, d in sorted(rules.inputs))
+        raise InputError(f"image has {channels} channel(s) and {dims} spatial dimensions (shape {tuple(arr.shape)}); "
+                         f"the served models take: {served}")
+    return header, tuple(arr.shape), affine
+
+
+def check_label_upload(rules: UploadRules, path: str, name: str, allow_empty: bool) -> None:
+    """The label checks that need no image file (datastores whose images are not local files, e.g. DICOMweb)."""
+    header = probe_file(path, name, rules.max_voxels)
+    label, _ = read_voxels(path, header)
+    check_label(label, rules.label_values, "label", allow_empty=allow_empty)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -157,16 +177,7 @@ class ValidatingDatastore(LocalDatastore):
 
     # ---- images -----------------------------------------------------------------------------
     def check_image_file(self, path: str, name: str) -> tuple[FileHeader, tuple[int, ...], np.ndarray | None]:
-        """Probe, decode and check an image file; (header, array shape, affine) or InputError/TooLarge."""
-        header = probe_file(path, name, self.rules.max_voxels)
-        arr, affine = read_voxels(path, header)
-        check_image(arr, affine, "image")
-        channels, dims = image_layout(header, tuple(arr.shape))
-        if (channels, dims) not in self.rules.inputs:
-            served = ", ".join(f"{c} channel(s) {d}D" for c, d in sorted(self.rules.inputs))
-            raise InputError(f"image has {channels} channel(s) and {dims} spatial dimensions (shape {tuple(arr.shape)}); "
-                             f"the served models take: {served}")
-        return header, tuple(arr.shape), affine
+        return check_image_upload(self.rules, path, name)
 
     def add_checked_image(self, image_id: str, path: str, name: str, info: dict[str, Any], overwrite: bool) -> dict[str, Any]:
         """Store an uploaded image after checking it; 409 for an existing id unless ``overwrite``."""
@@ -233,6 +244,7 @@ class ValidatingDatastore(LocalDatastore):
         elif len(image_shape) == 4:
             image_shape = image_shape[:3]
         image_affine = image_header.affine
+        check_affine(label_affine, "label")
         aligned_file = None
         if label_affine is not None and image_affine is not None and label.dtype.names is None:
             aligned = align_to_image(label, label_affine, image_affine)

@@ -72,7 +72,7 @@ class SafeLoadImaged(MapTransform):
             root = e
             while root.__cause__ is not None:
                 root = root.__cause__
-            raise InputError(f"cannot read {names}: {type(root).__name__}: {root}") from e
+            raise InputError(f"{names} cannot be read: {type(root).__name__}: {root}") from e
 
 
 class CheckImaged(MapTransform):

@@ -70,6 +70,42 @@ def _gzip_ok_prefix(path: str) -> None:
         raise InputError("cannot be read: not a gzip-compressed file (wrong magic bytes)")
 
 
+_verified: dict[tuple[str, int, int], bool] = {}
+
+
+def verify_gzip(path: str, max_bytes: int | None = None) -> None:
+    """Decompress a .gz file to its end so its CRC and length are checked (nibabel stops reading early).
+
+    Stops with InputError once more than ``max_bytes`` come out (a stream longer than its header
+    declares). Results are cached by (path, mtime, size), so a stored study is verified once.
+    """
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key in _verified:
+        return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(4 * 1024 * 1024):
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise InputError(f"cannot be read: the compressed stream holds more than {max_bytes:,} bytes, "
+                                     f"more than its header declares")
+    except InputError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"cannot be read: the gzip data is truncated or corrupt ({type(e).__name__}: {_short(e)})") from e
+    if len(_verified) > 10_000:
+        _verified.clear()
+    _verified[key] = True
+
+
+def nifti_bytes(header: "FileHeader", offset: int = 0) -> int:
+    """Bytes a NIfTI file's data block should decompress to (header, extensions and voxels), with slack."""
+    itemsize = header.dtype.itemsize if header.dtype is not None else 8
+    return offset + header.voxels * itemsize + 1024 * 1024
+
+
 def probe_file(path: str, name: str, max_voxels: int | None = None) -> FileHeader:
     """Read only the header of ``path`` (a file called ``name`` by the client) and check the voxel limit.
 
@@ -88,6 +124,7 @@ def probe_file(path: str, name: str, max_voxels: int | None = None) -> FileHeade
                 _gzip_ok_prefix(path)
             img = nib.load(path)
             header = FileHeader(fmt, suffix, tuple(int(s) for s in img.shape), img.get_data_dtype(), np.asarray(img.affine))
+            vox_offset = int(img.header.get("vox_offset", 0) or 0)
         elif fmt == "nrrd":
             import nrrd
 
@@ -114,6 +151,8 @@ def probe_file(path: str, name: str, max_voxels: int | None = None) -> FileHeade
     if max_voxels is not None and header.voxels > max_voxels:
         raise TooLarge(f"too many voxels: the header declares shape {header.shape} = {header.voxels:,} voxels, "
                        f"over the server's limit of {max_voxels:,} voxels (conf max_voxels)")
+    if suffix == ".nii.gz":
+        verify_gzip(path, nifti_bytes(header, vox_offset))
     return header
 
 

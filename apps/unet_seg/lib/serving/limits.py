@@ -4,7 +4,7 @@
                      streams in: a declared ``Content-Length`` over it is refused before reading
 * ``max_voxels``     (400,000,000) largest image or label, channels included, judged from the
                      file's header before any voxel is decoded
-* ``train_body_kb``  (64) largest JSON body for ``/train``, ``/activelearning`` and ``/scoring``
+* ``train_body_kb``  (64) largest JSON body for ``/train``, ``/activelearning``, ``/scoring``, ``/batch``
 * ``infer_workers``  (1 on CPU, one per GPU) inference jobs run at once
 * ``infer_queue``    (32) more inference requests allowed to wait; beyond that 503 + Retry-After
 * ``label_tolerance_mm`` (0.5) how far a label's grid may sit from its image's
@@ -31,7 +31,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
-SMALL_BODY_PREFIXES = ("/train", "/activelearning", "/scoring")
+SMALL_BODY_PREFIXES = ("/train", "/activelearning", "/scoring", "/batch")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class BodyGuard:
             if size > limit:
                 await self._reply(send, 413, too_large)
                 return
-        state = {"received": 0, "over": False, "started": False, "error": None}
+        state: dict[str, Any] = {"received": 0, "over": False, "started": False, "error": None, "error_body": b""}
 
         async def limited_receive() -> Message:
             message = await receive()
@@ -126,8 +126,11 @@ class BodyGuard:
                     return
                 state["started"] = True
             elif message["type"] == "http.response.body" and state["error"] is not None:
+                state["error_body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return  # error replies are small: collect the whole body, then scrub it
                 start = state["error"]
-                body = scrub_paths(message.get("body", b"").decode("utf-8", errors="replace"), self.folders()).encode()
+                body = scrub_paths(state["error_body"].decode("utf-8", errors="replace"), self.folders()).encode()
                 headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
                 state["error"], state["started"] = None, True

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -35,8 +36,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..conf import ConfError, parse_bool
-from ..datastore import check_id
-from ..validation import InputError, TooLarge, file_suffix, probe_file, check_affine
+from ..datastore import ValidatingDatastore, check_id, check_image_upload, check_label_upload
+from ..validation import InputError, TooLarge, check_affine, check_dtype, file_suffix, probe_file
 from .executor import BoundedExecutor, QueueFull
 from .limits import Limits
 from .params import INFER_FIELDS, TRAIN_FIELDS, check_params, parse_params
@@ -68,7 +69,7 @@ class RequestFiles:
         self.files: dict[str, tuple[str, str]] = {}  # field -> (path on disk, client's file name)
 
     async def read(self, request: Request, file_fields: tuple[str, ...]) -> "RequestFiles":
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return self
         form = await request.form(max_files=4, max_fields=16, max_part_size=1024 * 1024)
         try:
@@ -133,6 +134,8 @@ class Routes:
         if os.path.isdir(path):
             return path  # a DICOM series folder: the reader checks it
         header = probe_file(path, name, self.limits.max_voxels)
+        if header.dtype is not None:
+            check_dtype(np.empty(0, header.dtype), "image")
         check_affine(header.affine, "image")
         return path
 
@@ -152,7 +155,7 @@ class Routes:
             if "label" in files.files:
                 raise HTTPException(status_code=422, detail=f"label: model {model!r} takes no input label (send only 'file' or ?image=)")
             params = check_params(parse_params(files.fields.get("params"), "params"), INFER_FIELDS, "params")
-            path = self._resolve_image(files, image, session_id)
+            path = await run_in_threadpool(self._resolve_image, files, image, session_id)  # reads the gzip stream
             req = {**params, "model": model, "image": path}
             result = await self.executor.run(self.app.infer, req, client_gone=request.is_disconnected)
             result_file = result.get("file")
@@ -203,11 +206,20 @@ class Routes:
                 raise ConfError("params: too long (over 100,000 characters)")
             if user is not None and getattr(user, "username", None):
                 params["user"] = user.username
-            return await run_in_threadpool(self.app.datastore().add_checked_image, image_id, path, name, params, overwrite)
+            return await run_in_threadpool(self._store_image, image_id, path, name, params, overwrite)
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
         finally:
             files.cleanup()
+
+    def _store_image(self, image_id: str, path: str, name: str, params: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+        datastore = self.app.datastore()
+        if isinstance(datastore, ValidatingDatastore):
+            return datastore.add_checked_image(image_id, path, name, params, overwrite)
+        check_image_upload(self.app.upload_rules(), path, name)
+        if image_id in datastore.list_images() and not overwrite:
+            raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; send params {{\"overwrite\": true}} to replace it")
+        return {"image": datastore.add_image(image_id, path, params)}
 
     async def save_label(self, request: Request, image: str, tag: str = "final", user: User | None = None) -> dict:
         files = RequestFiles()
@@ -223,7 +235,13 @@ class Routes:
                 raise ConfError("params: too long (over 100,000 characters)")
 
             def store() -> dict:
-                label_id = self.app.datastore().save_checked_label(image, path, name, tag or "final", params)
+                datastore = self.app.datastore()
+                if isinstance(datastore, ValidatingDatastore):
+                    label_id = datastore.save_checked_label(image, path, name, tag or "final", params)
+                else:  # e.g. DICOMweb: what can be checked without a local image file
+                    allow_empty = parse_bool(params.pop("allow_empty", False), "allow_empty") or (tag or "final") != "final"
+                    check_label_upload(self.app.upload_rules(), path, name, allow_empty)
+                    label_id = datastore.save_label(image, path, tag or "final", params)
                 res = self.app.on_save_label(image, label_id) or {}
                 return {**res, "image": image, "label": label_id}
 
