@@ -193,9 +193,23 @@ def test_small_and_thin_images_get_a_label_of_exactly_their_shape(shared: Server
     r = requests.post(f"{shared.url}/infer/unet3d", params={"output": "image"}, files={"file": ("thin.nii", payload)},
                       data={"params": json.dumps({"tta": True})}, timeout=300)
     assert r.status_code == 200, r.text
-    out = tmp_path / "seg.nii.gz"
+    out = tmp_path / "seg.nii"  # the label comes back in the upload's format
     out.write_bytes(r.content)
     seg = nib.load(out)
     assert seg.shape == shape
     np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2}
+
+
+def test_scoring_and_batch_requests_are_checked_before_any_task(shared: Server) -> None:
+    r = requests.post(f"{shared.url}/scoring/nosuch", json={}, timeout=30)
+    assert r.status_code == 404 and "uncertainty" in r.json()["detail"]
+    r = requests.post(f"{shared.url}/scoring/uncertainty", data="[1, 2]", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and "JSON object" in r.json()["detail"]
+    r = requests.post(f"{shared.url}/batch/infer/unet3d", json={"overlap": 2}, timeout=30)
+    assert r.status_code == 422 and "overlap" in r.json()["detail"]
+    r = requests.post(f"{shared.url}/batch/infer/unet3d", params={"images": "some"}, json={}, timeout=30)
+    assert r.status_code == 422 and "images" in r.json()["detail"]
+    r = requests.post(f"{shared.url}/batch/infer/nosuch", json={}, timeout=30)
+    assert r.status_code == 404
+    assert requests.get(f"{shared.url}/batch/infer", timeout=30).status_code == 404  # no batch task was created

@@ -9,8 +9,8 @@ route -> admission (params, ids, file headers, limits) -> executor or worker thr
   ``Retry-After`` when its queue is full; a queued request whose client left is dropped.
 * ``PUT /datastore/image``, ``PUT /datastore/label``  streamed to a per-request temp folder,
   checked and stored in a worker thread; 409 for an existing image id unless ``overwrite``.
-* ``POST /train/{model}``, ``POST /activelearning/{strategy}``  body checked before any task exists;
-  the work starts off the loop.
+* ``POST /train/{model}``, ``/train/``, ``/activelearning/{strategy}``, ``/scoring/{method}``,
+  ``/batch/infer/{model}``  body checked before any task exists; the work starts off the loop.
 Every request's temp folder is removed when its reply has been sent, whatever happened.
 """
 
@@ -281,6 +281,34 @@ class Routes:
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
+    async def scoring(self, request: Request, method: str, run_sync: bool = False) -> Any:
+        """``POST /scoring/{method}``: body checked, the task started (or run, ``run_sync``) off the loop."""
+        try:
+            if method not in self.app._scoring_methods:
+                raise HTTPException(status_code=404, detail=f"unknown scoring method {method[:60]!r}; available: {', '.join(self.app._scoring_methods)}")
+            params = await self._json_body(request, "scoring request")
+            from monailabel.endpoints.scoring import run_method
+
+            return await run_in_threadpool(run_method, method, params, run_sync)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+
+    async def batch_infer(self, request: Request, model: str, images: str = "all", run_sync: bool = False) -> Any:
+        """``POST /batch/infer/{model}``: inference parameters checked like /infer, the job started off the loop."""
+        try:
+            if model not in self.app._infers:
+                raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}")
+            from monailabel.endpoints.batch_infer import run
+            from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
+
+            choices = [t.value for t in BatchInferImageType]
+            if images not in choices:
+                raise HTTPException(status_code=422, detail=f"images: expected one of {', '.join(choices)}; got {images[:40]!r}")
+            params = check_params(await self._json_body(request, "batch inference request"), INFER_FIELDS, "batch inference request")
+            return await run_in_threadpool(run, model, BatchInferImageType(images), params, run_sync)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+
     async def next_sample(self, request: Request, strategy: str, user: User | None = None) -> Any:
         try:
             params = await self._json_body(request, "active learning request")
@@ -317,6 +345,13 @@ class Routes:
         async def next_sample(request: Request, strategy: str, u: User = user) -> Any:
             return await routes.next_sample(request, strategy, u)
 
+        async def scoring(request: Request, method: str, run_sync: bool = False, u: User = annotator) -> Any:
+            return await routes.scoring(request, method, run_sync)
+
+        async def batch_infer(request: Request, model: str, images: str = "all", run_sync: bool = False,
+                              u: User = admin) -> Any:
+            return await routes.batch_infer(request, model, images, run_sync)
+
         table: list[tuple[str, list[str], Callable[..., Any]]] = [
             ("/infer/{model}", ["POST"], infer),
             ("/datastore/image", ["PUT"], add_image),
@@ -325,6 +360,8 @@ class Routes:
             ("/train/{model}", ["POST"], train),
             ("/train/", ["POST"], train_all),
             ("/activelearning/{strategy}", ["POST"], next_sample),
+            ("/scoring/{method}", ["POST"], scoring),
+            ("/batch/infer/{model}", ["POST"], batch_infer),
         ]
         new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/") for path, methods, fn in table]
         fastapi_app.router.routes[:0] = new
