@@ -134,10 +134,13 @@ def test_wrong_channel_count_is_422_and_server_keeps_serving(server: Server, tmp
     img = nib.load(hippo_case(3)[0])
     arr = np.asanyarray(img.dataobj).astype(np.float32)
     two_channel = np.stack([arr, arr], axis=-1)
+    payload = nifti_bytes(two_channel, img.affine)
     r = requests.put(f"{server.url}/datastore/image", params={"image": "twochannel"},
-                     files={"file": ("twochannel.nii.gz", nifti_bytes(two_channel, img.affine))}, timeout=60)
-    assert r.status_code == 200, r.text
-    r = infer(server, "twochannel")
+                     files={"file": ("twochannel.nii.gz", payload)}, timeout=60)
+    assert r.status_code == 422, r.text  # no served model takes 2 channels: refused at the door
+    assert "2 channel(s)" in r.json()["detail"] and "1 channel(s) 3D" in r.json()["detail"]
+    r = requests.post(f"{server.url}/infer/unet3d", params={"output": "image"},
+                      files={"file": ("twochannel.nii.gz", payload)}, timeout=60)
     assert r.status_code == 422
     assert "expects 1 channel" in r.json()["detail"] and "got 2" in r.json()["detail"]
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
