@@ -79,7 +79,10 @@ def test_retrain_keeps_split_and_serves_newer_model(tmp_path: Path, require_data
     import time
 
     time.sleep(1.1)  # run ids have one-second resolution
+    orphan = Path(app.model_dir) / ".publish_killed.pt"  # what a training killed while publishing leaves
+    orphan.write_bytes(b"half a checkpoint")
     stats = app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.25})
+    assert not orphan.exists()  # removed when the next training starts
     split2 = json.loads((Path(app.model_dir) / "unet3d_split.json").read_text())
     assert split2["validation"] == split1["validation"]
     assert "hippocampus_008.nii.gz" in split2["training"] and stats["train_cases"] == 4

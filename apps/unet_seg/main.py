@@ -17,7 +17,6 @@ Nothing is downloaded at start-up.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ from monailabel.utils.async_tasks.task import AsyncTask
 
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.activelearning import scoring_methods, strategies
+from lib.checkpoints import remove_publish_leftovers
 from lib.conf import AppConf, ConfError, parse_names
 from lib.datastore import UploadRules, ValidatingDatastore
 from lib.infers.base import ModelNotReady
@@ -52,7 +52,6 @@ class UNetSegApp(MONAILabelApp):
         self.app_conf = AppConf(conf)
         self.model_dir = os.path.abspath(self.app_conf.str("model_dir", os.path.join(app_dir, "model")))
         os.makedirs(self.model_dir, exist_ok=True)
-        remove_publish_leftovers(self.model_dir)
         self.limits = Limits.from_conf(self.app_conf)
         self.model_names = parse_names(self.app_conf.get("models", "all"), CONFIG_NAMES, "models")
         self.models = {}
@@ -98,6 +97,7 @@ class UNetSegApp(MONAILabelApp):
         """Server mode: put the admission-checked, off-the-loop routes and the body guard in front of MONAI Label's."""
         server = sys.modules.get("monailabel.app")
         if server is not None:
+            remove_publish_leftovers(self.model_dir)  # only here and at training start: no publish can be running
             fastapi_app = server.app
             self.routes = Routes(self, self.limits)
             self.routes.install(fastapi_app)
@@ -183,12 +183,3 @@ class UNetSegApp(MONAILabelApp):
             raise ConfError(f"unknown model {model!r}; trainable models: {', '.join(self._trainers)}")
         return super().train(request)
 
-
-def remove_publish_leftovers(model_dir: str) -> None:
-    """Remove temp files of publishes interrupted by a crash or kill -9 (``.publish_*.pt``)."""
-    for path in glob.glob(os.path.join(model_dir, "**", ".publish_*"), recursive=True):
-        try:
-            os.remove(path)
-            logger.warning(f"removed the leftover of an interrupted publish: {os.path.basename(path)}")
-        except OSError as e:
-            logger.warning(f"cannot remove leftover {os.path.basename(path)}: {e}")

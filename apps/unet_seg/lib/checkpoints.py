@@ -7,6 +7,8 @@ network from it, so a served model never depends on today's conf matching yester
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import tempfile
 import time
@@ -14,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Meta keys that must agree between a checkpoint and the model config for it to be served.
 COMPATIBILITY_KEYS = ("labels", "in_channels", "spatial_dims")
@@ -56,6 +60,22 @@ def write_checkpoint_atomic(path: str, state: Mapping[str, torch.Tensor], meta: 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_publish_leftovers(model_dir: str) -> list[str]:
+    """Remove temp files of publishes interrupted by a crash or kill -9 (``.publish_*``); returns their names.
+
+    Call only where no publish can be running: server start-up and the start of a training (one at a time).
+    """
+    removed = []
+    for path in glob.glob(os.path.join(model_dir, "**", ".publish_*"), recursive=True):
+        try:
+            os.remove(path)
+            removed.append(os.path.basename(path))
+            logger.warning(f"removed the leftover of an interrupted publish: {os.path.basename(path)}")
+        except OSError as e:
+            logger.warning(f"cannot remove leftover {os.path.basename(path)}: {e}")
+    return removed
 
 
 def incompatibility(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:

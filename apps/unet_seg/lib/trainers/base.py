@@ -43,7 +43,7 @@ from monai.transforms import AsDiscreted, Compose
 from monai.utils import CommonKeys as Keys
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from ..checkpoints import incompatibility, now_iso, read_checkpoint, read_meta, write_checkpoint_atomic
+from ..checkpoints import incompatibility, now_iso, read_checkpoint, read_meta, remove_publish_leftovers, write_checkpoint_atomic
 from ..conf import ConfError, parse_bool, parse_float, parse_int
 from ..inference import largest_component, predict_volume
 from ..metrics import DiceAccumulator
@@ -480,6 +480,7 @@ class SegTrainTask(BasicTrainTask):
         fold = req.get("fold")
         suffix = f"_fold{parse_int(fold, 'fold')}" if fold is not None and str(fold) != "" else ""
         model_dir = os.path.dirname(self.published_path)
+        remove_publish_leftovers(model_dir)  # a killed training may have left one; none can be running now
         self.published_path = os.path.join(model_dir, f"{self.model_name}{suffix}.pt")
         self._stats_path = os.path.join(model_dir, f"{self.model_name}{suffix}_train_stats.json")
         req["name"] = f"train_{self.model_name}{suffix}"
