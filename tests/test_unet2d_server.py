@@ -126,8 +126,11 @@ def test_volume_slice_by_slice_keeps_geometry(server2d: Server, tmp_path: Path) 
 
 def test_rgb_image_is_422_and_server_keeps_serving(server2d: Server) -> None:
     rgb = np.stack([isbi(13)[:64, :64]] * 3, axis=-1)
-    upload_image(server2d, "rgb", "rgb.png", png_bytes(rgb))
-    r = infer(server2d, "rgb")
+    r = requests.put(f"{server2d.url}/datastore/image", params={"image": "rgb"}, files={"file": ("rgb.png", png_bytes(rgb))}, timeout=60)
+    assert r.status_code == 422  # no served model takes 3 channels: refused at the door
+    assert "3 channel(s)" in r.json()["detail"] and "1 channel(s) 2D" in r.json()["detail"]
+    r = requests.post(f"{server2d.url}/infer/unet2d", params={"output": "image"}, files={"file": ("rgb.png", png_bytes(rgb))},
+                      timeout=60)
     assert r.status_code == 422
     assert "expects 1 channel" in r.json()["detail"] and "got 3" in r.json()["detail"]
     assert requests.get(f"{server2d.url}/info/", timeout=30).status_code == 200
