@@ -28,6 +28,7 @@ inference was not answered 200.
     .venv/bin/python benchmarks/server_load.py                       # 1,8,20 x 3 runs + BraTS x 4
     .venv/bin/python benchmarks/server_load.py --quick               # smoke test: 1,4 x 1 run; tiny BraTS model, 2 at overlap 0
     .venv/bin/python benchmarks/server_load.py --skip_brats --tta    # sample only, flip TTA on every inference
+    .venv/bin/python benchmarks/server_load.py --skip_brats --peer   # + the same bursts on MONAI Label's own /infer
 """
 
 from __future__ import annotations
@@ -325,23 +326,26 @@ def check_ready(url: str) -> dict[str, Any]:
     return info["models"]["unet3d"]
 
 
-def run_sample(args: argparse.Namespace, params: Mapping[str, Any], tmp: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
-    studies = tmp / "sample_studies"
+def run_sample(args: argparse.Namespace, params: Mapping[str, Any], tmp: Path, report: dict[str, Any],
+               scenario: str = "sample", routes: str = "unet_seg") -> list[dict[str, Any]]:
+    """The sample model; ``routes`` ``monailabel`` serves /infer by MONAI Label's own route (the peer)."""
+    slug = "".join(c if c.isalnum() else "_" for c in scenario)
+    studies = tmp / f"{slug}_studies"
     shutil.copytree(SAMPLE_STUDIES, studies)
     image_id = args.image or sorted(p.name[:-7] for p in SAMPLE_STUDIES.glob("*.nii.gz"))[0]
     shape = nib.load(SAMPLE_STUDIES / f"{image_id}.nii.gz").shape
     conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "unet3d.pretrained": str(SAMPLE_MODEL),
-            "model_dir": str(tmp / "sample_model"), "tracking": "none"}
-    log = tmp / "sample_server.log"
-    report["logs"]["sample"] = str(log)
+            "model_dir": str(tmp / f"{slug}_model"), "tracking": "none", "request_routes": routes}
+    log = tmp / f"{slug}_server.log"
+    report["logs"][scenario] = str(log)
     t = time.perf_counter()
     with server(studies, conf, log, args.start_timeout) as srv:
         info = {"server_start_s": round(time.perf_counter() - t, 1), "image": image_id, "shape": list(shape),
                 "model_version": check_ready(srv.url).get("version")}
         info["warmup_infer_s"] = round(warm_up(srv.url, image_id, params, shape, tmp, args.timeout), 3)
-        report["scenarios"]["sample"] = info
-        print(f"sample: server up in {info['server_start_s']} s, {image_id} {tuple(shape)}, warm-up {info['warmup_infer_s']} s", flush=True)
-        return [measure(srv.url, "sample", n, image_id, params, args) for n in args.concurrency]
+        report["scenarios"][scenario] = info
+        print(f"{scenario}: server up in {info['server_start_s']} s, {image_id} {tuple(shape)}, warm-up {info['warmup_infer_s']} s", flush=True)
+        return [measure(srv.url, scenario, n, image_id, params, args) for n in args.concurrency]
 
 
 def brats_4d(case: Path, out: Path) -> tuple[int, ...]:
@@ -416,6 +420,8 @@ def main() -> None:
     p.add_argument("--params", default="{}", help='extra inference params as JSON, e.g. \'{"overlap": 0.25}\'')
     p.add_argument("--image", default=None, help="sample study id to infer (default the first)")
     p.add_argument("--poll_ms", type=float, default=20, help="pause between two polls of the same thread")
+    p.add_argument("--peer", action="store_true",
+                   help="also run the sample bursts against MONAI Label's own /infer route (conf request_routes monailabel)")
     p.add_argument("--skip_brats", action="store_true")
     p.add_argument("--brats", default=str(BRATS_DEFAULT), help="brats2015_2mod folder (train/, validation/)")
     p.add_argument("--brats_concurrency", type=int, default=None, help="burst size of the BraTS scenario (default 4; 2 with --quick)")
@@ -451,6 +457,8 @@ def main() -> None:
     ok = False
     try:
         report["rows"] += run_sample(args, params, tmp, report)
+        if args.peer:
+            report["rows"] += run_sample(args, params, tmp, report, "stock MONAI Label /infer", "monailabel")
         if not args.skip_brats:
             report["rows"] += run_brats(args, brats_params, tmp, report)
         ok = True

@@ -255,6 +255,28 @@ def test_bad_train_body_rejected(ctx: Ctx, bt: BadTrain) -> None:
 
 # ---- afterwards: nothing stored touched, nothing left behind, still serving ------------------------------
 
+def test_chunked_upload_over_the_limit_is_cut_off_while_streaming(ctx: Ctx) -> None:
+    """No Content-Length (chunked): the server counts while reading and stops at the limit."""
+    total = 64 * 1024 * 1024  # 8x the limit
+    sent = {"bytes": 0}
+
+    def body() -> Iterator[bytes]:
+        chunk = b"\0" * (1024 * 1024)
+        for _ in range(total // len(chunk)):
+            sent["bytes"] += len(chunk)
+            yield chunk
+
+    try:
+        r = requests.put(f"{ctx.url}/datastore/image", params={"image": "bad_chunked"}, data=body(),
+                         headers={"Content-Type": "multipart/form-data; boundary=unetsegboundary"}, timeout=TIMEOUT)
+        assert r.status_code == 413, r.text
+        assert "too large" in r.json()["detail"]
+    except requests.ConnectionError:
+        # the server answered 413 and closed the connection while the client was still sending
+        assert sent["bytes"] < total
+    assert requests.get(f"{ctx.url}/info/", timeout=30).status_code == 200
+
+
 def test_after_all_labels_untouched(ctx: Ctx) -> None:
     """Every stored label file byte-identical to before (a good label accepted under a sanitised name resets the baseline)."""
     after = label_files(ctx.studies)

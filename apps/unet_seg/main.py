@@ -96,7 +96,13 @@ class UNetSegApp(MONAILabelApp):
     def on_init_complete(self) -> None:
         """Server mode: put the admission-checked, off-the-loop routes and the body guard in front of MONAI Label's."""
         server = sys.modules.get("monailabel.app")
-        if server is not None:
+        routes = self.app_conf.str("request_routes", "unet_seg").lower()
+        if routes not in ("unet_seg", "monailabel"):
+            raise ConfError(f"request_routes: expected unet_seg or monailabel, got {routes!r}")
+        if server is not None and routes == "monailabel":
+            logger.warning("request_routes=monailabel: MONAI Label's own routes serve /infer and uploads (inference on the "
+                           "event loop, no admission checks); for side-by-side benchmarks only, never in production")
+        elif server is not None:
             remove_publish_leftovers(self.model_dir)  # only here and at training start: no publish can be running
             fastapi_app = server.app
             self.routes = Routes(self, self.limits)
