@@ -260,7 +260,9 @@ def test_chunked_upload_over_the_limit_is_cut_off_while_streaming(ctx: Ctx) -> N
     total = 64 * 1024 * 1024  # 8x the limit
     sent = {"bytes": 0}
 
-    def body() -> Iterator[bytes]:
+    def body() -> Iterator[bytes]:  # a well-formed multipart start, then a file part that never ends
+        yield (b"--unetsegboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.nii.gz\"\r\n"
+               b"Content-Type: application/octet-stream\r\n\r\n")
         chunk = b"\0" * (1024 * 1024)
         for _ in range(total // len(chunk)):
             sent["bytes"] += len(chunk)
