@@ -148,9 +148,10 @@ class Routes:
                 raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}")
             if output is not None and output not in OUTPUTS:
                 raise HTTPException(status_code=422, detail=f"output: expected one of {', '.join(OUTPUTS)}; got {output[:40]!r}")
-            if output == "dicom_seg" and not self.app.studies.startswith(("http://", "https://")):
-                raise HTTPException(status_code=422, detail="output=dicom_seg needs a DICOMweb datastore; this server stores "
-                                                            "files (use output=image, json or all)")
+            if output == "dicom_seg":
+                where = ("needs a DICOMweb datastore; this server stores files" if not self.app.studies.startswith(("http://", "https://"))
+                         else "is not available on this server yet")
+                raise HTTPException(status_code=422, detail=f"output=dicom_seg {where} (use output=image, json or all)")
             await files.read(request, ("file", "label"))
             if "label" in files.files:
                 raise HTTPException(status_code=422, detail=f"label: model {model!r} takes no input label (send only 'file' or ?image=)")
