@@ -76,7 +76,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
     tmpdir.mkdir()
     conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "unet3d.pretrained": str(PRETRAINED),
             "tracking": "none", "model_dir": str(base / "model"), "max_upload_mb": str(MAX_UPLOAD_MB),
-            "max_voxels": str(MAX_VOXELS), "auto_retrain_after": "0"}
+            "max_voxels": str(MAX_VOXELS), "auto_retrain_after": "0",
+            "admin_without_auth": "true"}  # the cases clean up with DELETE /datastore/image
     print(f"\nbad inputs: {len(INPUTS)} inputs -> {len(CASES)} upload/infer cases; {len(PARAMS)} bad /infer requests; "
           f"{len(TRAIN)} bad /train bodies; {len(CASES) + len(PARAMS) + len(TRAIN)} cases in all")
     with running_server(studies, conf, base / "server.log", env={"TMPDIR": str(tmpdir)}) as srv:

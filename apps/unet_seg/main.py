@@ -40,6 +40,7 @@ from lib.datastore import UploadRules, ValidatingDatastore
 from lib.infers.base import ModelNotReady
 from lib.serving.limits import BodyGuard, Limits
 from lib.serving.routes import Routes
+from lib.serving.security import SecurityConf, SecurityGate
 from lib.validation import InputError, TooLarge
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class UNetSegApp(MONAILabelApp):
                 fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
             folders = [self.studies, self.model_dir, self.app_dir, tempfile.gettempdir(), sys.prefix]
             fastapi_app.middleware_stack = BodyGuard(fastapi_app.middleware_stack, self.limits, lambda: folders)
+            security = SecurityConf.from_conf(self.app_conf, settings.MONAI_LABEL_AUTH_ENABLE)
+            fastapi_app.middleware_stack = SecurityGate(fastapi_app.middleware_stack, security)
+            warn_if_exposed(security)
         super().on_init_complete()
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -189,3 +193,18 @@ class UNetSegApp(MONAILabelApp):
             raise ConfError(f"unknown model {model!r}; trainable models: {', '.join(self._trainers)}")
         return super().train(request)
 
+
+def warn_if_exposed(security: SecurityConf) -> None:
+    """A loud warning when the server listens beyond loopback with authentication off."""
+    host = "127.0.0.1"
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg in ("--host", "-h") and i + 1 < len(argv):
+            host = argv[i + 1]
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    if not security.auth_enabled and host not in ("127.0.0.1", "localhost", "::1"):
+        banner = "!" * 100
+        logger.warning(f"\n{banner}\nunet_seg listens on {host} with AUTHENTICATION OFF: anyone who reaches this port can read "
+                       f"studies, submit labels and start training. Bind 127.0.0.1 or enable MONAI_LABEL_AUTH_ENABLE "
+                       f"with a realm (README, Security).\n{banner}")

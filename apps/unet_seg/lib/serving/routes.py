@@ -353,7 +353,13 @@ class Routes:
                               u: User = admin) -> Any:
             return await routes.batch_infer(request, model, images, run_sync)
 
+        async def no_wsi(model: str) -> Any:
+            raise HTTPException(status_code=404, detail=f"no whole-slide (WSI) models are served; use POST /infer/{{model}} "
+                                                        f"with models: {', '.join(routes.app._infers)}")
+
         table: list[tuple[str, list[str], Callable[..., Any]]] = [
+            ("/infer/wsi/{model}", ["POST"], no_wsi),  # MONAI Label's WSI routes read any server path given as image
+            ("/infer/wsi_v2/{model}", ["POST"], no_wsi),
             ("/infer/{model}", ["POST"], infer),
             ("/datastore/image", ["PUT"], add_image),
             ("/datastore/", ["PUT"], add_image),
