@@ -40,7 +40,7 @@ from lib.datastore import UploadRules, ValidatingDatastore
 from lib.infers.base import ModelNotReady
 from lib.serving.limits import BodyGuard, Limits
 from lib.serving.routes import Routes
-from lib.serving.security import SecurityConf, SecurityGate
+from lib.serving.security import SecurityConf, SecurityGate, install_user_overrides
 from lib.validation import InputError, TooLarge
 
 logger = logging.getLogger(__name__)
@@ -106,15 +106,16 @@ class UNetSegApp(MONAILabelApp):
         elif server is not None:
             remove_publish_leftovers(self.model_dir)  # only here and at training start: no publish can be running
             fastapi_app = server.app
+            self.security = SecurityConf.from_conf(self.app_conf, settings.MONAI_LABEL_AUTH_ENABLE, settings)
             self.routes = Routes(self, self.limits)
             self.routes.install(fastapi_app)
             if fastapi_app.middleware_stack is None:
                 fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
             folders = [self.studies, self.model_dir, self.app_dir, tempfile.gettempdir(), sys.prefix]
             fastapi_app.middleware_stack = BodyGuard(fastapi_app.middleware_stack, self.limits, lambda: folders)
-            security = SecurityConf.from_conf(self.app_conf, settings.MONAI_LABEL_AUTH_ENABLE)
-            fastapi_app.middleware_stack = SecurityGate(fastapi_app.middleware_stack, security)
-            warn_if_exposed(security)
+            fastapi_app.middleware_stack = SecurityGate(fastapi_app.middleware_stack, self.security)
+            install_user_overrides(fastapi_app)
+            warn_if_exposed(self.security)
         super().on_init_complete()
 
     def init_infers(self) -> dict[str, InferTask]:

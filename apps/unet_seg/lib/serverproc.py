@@ -45,13 +45,13 @@ class LabelServer:
                                      cwd=str(cwd or APP_DIR.parents[1]))
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Block until /info/ answers 200; RuntimeError with the log's tail if the server exits or stays silent."""
+        """Block until /info/ answers (200, or 401 with authentication on); RuntimeError with the log's tail if the server exits or stays silent."""
         end = time.time() + timeout
         while time.time() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code in (200, 401):  # 401: up, with auth on
                     return
             except requests.RequestException:
                 pass

@@ -41,12 +41,23 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
 class UNetSegClient:
     """Thin, timeout-bounded wrapper over the MONAI Label REST API of a unet_seg server."""
 
-    def __init__(self, url: str, timeout: float = 30.0, infer_timeout: float = 600.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, infer_timeout: float = 600.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.infer_timeout = infer_timeout
+        self.token = token  # kept in memory only
+
+    def login(self, username: str, password: str) -> None:
+        """Get an access token through the server's ``/auth/token`` (the realm checks the password)."""
+        self.token = None
+        body = self._call("POST", "/auth/token", data={"username": username, "password": password}).json()
+        if not body.get("access_token"):
+            raise ServerError(0, "the server has authentication switched off; no login needed")
+        self.token = str(body["access_token"])
 
     def _call(self, method: str, path: str, timeout: float | None = None, **kwargs: Any) -> requests.Response:
+        if self.token:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {self.token}"}
         try:
             r = requests.request(method, f"{self.url}{path}", timeout=timeout or self.timeout, **kwargs)
         except requests.Timeout as e:
@@ -58,6 +69,10 @@ class UNetSegClient:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
+            if r.status_code == 401:
+                detail = f"not logged in or the login expired ({detail}); log in again"
+            elif r.status_code == 403:
+                detail = f"your account may not do this ({detail})"
             raise ServerError(r.status_code, f"{r.status_code}: {detail}")
         return r
 

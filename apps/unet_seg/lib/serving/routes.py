@@ -203,6 +203,8 @@ class Routes:
             check_id(image_id)
             params = parse_params(files.fields.get("params"), "params")
             overwrite = parse_bool(params.pop("overwrite", False), "overwrite")
+            if overwrite:
+                self._require_reviewer(request, f"replacing image {image_id!r}")
             if len(json.dumps(params)) > 100_000:
                 raise ConfError("params: too long (over 100,000 characters)")
             if user is not None and getattr(user, "username", None):
@@ -222,6 +224,16 @@ class Routes:
             raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; send params {{\"overwrite\": true}} to replace it")
         return {"image": datastore.add_image(image_id, path, params)}
 
+    def _require_reviewer(self, request: Request, what: str) -> None:
+        """With auth on, replacing a person's final label or an image needs the reviewer role."""
+        security = getattr(self.app, "security", None)
+        if security is None or not security.auth_enabled:
+            return
+        user = (request.scope.get("state") or {}).get("user") or {}
+        if security.level(user.get("roles", [])) < 2:
+            raise HTTPException(status_code=403, detail=f"{what} needs the role {security.role_names[2]!r} (or higher); "
+                                                        f"user {user.get('username', '')!r} has {user.get('roles') or 'no roles'}")
+
     async def save_label(self, request: Request, image: str, tag: str = "final", user: User | None = None) -> dict:
         files = RequestFiles()
         try:
@@ -234,6 +246,9 @@ class Routes:
             params = parse_params(files.fields.get("params"), "params")
             if len(json.dumps(params)) > 100_000:
                 raise ConfError("params: too long (over 100,000 characters)")
+            if (tag or "final") == "final" and image in self.app.datastore().list_images() \
+                    and self.app.datastore().get_label_by_image_id(image, "final"):
+                self._require_reviewer(request, f"replacing the final label of {image!r}")
 
             def store() -> dict:
                 datastore = self.app.datastore()
@@ -319,6 +334,26 @@ class Routes:
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
+    async def token(self, request: Request) -> Response:
+        """``POST /auth/token`` (form username, password): the realm's token, 401 for bad credentials (never 500)."""
+        from monailabel.config import settings as ml_settings
+
+        from .security import token_from_realm
+
+        if not ml_settings.MONAI_LABEL_AUTH_ENABLE:
+            return JSONResponse({"access_token": None, "token_type": None})
+        form = await request.form(max_files=0, max_fields=8)
+        username, password = str(form.get("username") or ""), str(form.get("password") or "")
+        if not username or not password:
+            raise HTTPException(status_code=422, detail="username and password are required (form fields)")
+        try:
+            status, body = await run_in_threadpool(token_from_realm, ml_settings.MONAI_LABEL_AUTH_REALM_URI.rstrip("/"),
+                                                   ml_settings.MONAI_LABEL_AUTH_CLIENT_ID, username, password)
+        except Exception as e:  # noqa: BLE001 - the realm is down or answers nonsense: say so, never a traceback
+            logger.error(f"/auth/token: the realm failed: {type(e).__name__}: {e}")
+            raise HTTPException(status_code=502, detail="the login service (realm) did not answer; try again later") from e
+        return JSONResponse(body, status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
     # ---- installation -----------------------------------------------------------------------
     def install(self, fastapi_app: FastAPI) -> None:
         """Put these routes in front of MONAI Label's (same paths and auth dependency)."""
@@ -353,11 +388,15 @@ class Routes:
                               u: User = admin) -> Any:
             return await routes.batch_infer(request, model, images, run_sync)
 
+        async def token(request: Request) -> Response:
+            return await routes.token(request)
+
         async def no_wsi(model: str) -> Any:
             raise HTTPException(status_code=404, detail=f"no whole-slide (WSI) models are served; use POST /infer/{{model}} "
                                                         f"with models: {', '.join(routes.app._infers)}")
 
         table: list[tuple[str, list[str], Callable[..., Any]]] = [
+            ("/auth/token", ["POST"], token),
             ("/infer/wsi/{model}", ["POST"], no_wsi),  # MONAI Label's WSI routes read any server path given as image
             ("/infer/wsi_v2/{model}", ["POST"], no_wsi),
             ("/infer/{model}", ["POST"], infer),
@@ -370,7 +409,9 @@ class Routes:
             ("/scoring/{method}", ["POST"], scoring),
             ("/batch/infer/{model}", ["POST"], batch_infer),
         ]
-        new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/") for path, methods, fn in table]
+        new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/",
+                        dependency_overrides_provider=fastapi_app)  # so the app's auth overrides apply here too
+               for path, methods, fn in table]
         fastapi_app.router.routes[:0] = new
         logger.info(f"unet_seg routes installed: {', '.join(p for p, _, _ in table)}; "
                     f"inference workers {self.executor.workers}, queue {self.executor.queue}")
