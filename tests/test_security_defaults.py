@@ -117,3 +117,44 @@ def test_loud_warning_when_listening_beyond_loopback_without_auth(caplog: pytest
     with caplog.at_level(logging.WARNING):
         module.warn_if_exposed(off)
     assert "AUTHENTICATION OFF" not in caplog.text
+
+
+def tar_bytes(members: list[tuple[str, bytes | None, str | None]]) -> bytes:
+    """A tar archive of (name, data or None for a symlink, link target)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data, target in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.linkname = tarfile.SYMTYPE, target or "/etc/passwd"
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_session_archives_extract_only_regular_files_inside(trusted: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+    image = (ROOT / "sample" / "studies" / "hippocampus_015.nii.gz").read_bytes()
+    url = f"{trusted.url}/session/"
+    cases = {
+        "dotdot": ([("../../escaped.nii.gz", image, None)], "outside"),
+        "absolute": ([("/tmp/escaped_abs.nii.gz", image, None)], "outside"),
+        "symlink": ([("link.nii.gz", None, "/etc/passwd")], "not a regular file"),
+    }
+    for name, (members, words) in cases.items():
+        r = requests.put(url, params={"uncompress": "true"}, files={"files": (f"{name}.tar", tar_bytes(members))}, timeout=60)
+        assert r.status_code == 422, (name, r.text)
+        assert words in r.json()["detail"], (name, r.text)
+    r = requests.put(url, params={"uncompress": "true"}, files={"files": ("x.tar", b"not an archive")}, timeout=60)
+    assert r.status_code == 422 and "not a zip or tar" in r.json()["detail"]
+    r = requests.put(url, params={"uncompress": "true"}, files={"files": ("ok.tar", tar_bytes([("case.nii.gz", image, None)]))},
+                     timeout=60)
+    assert r.status_code == 200, r.text
+    session = r.json()
+    assert "path" not in session["session_info"] and "image" not in session["session_info"]
+    r = requests.post(f"{trusted.url}/infer/unet3d", params={"session_id": session["session_id"], "output": "json"}, timeout=120)
+    assert r.status_code == 200, r.text

@@ -92,7 +92,9 @@ def test_train_publishes_model_and_stats(server: Server) -> None:
     assert r.status_code == 200, r.text
     status = server.wait_train_done()
     assert status["status"] == "DONE", status
-    model_dir = Path(json.loads(json.dumps(requests.get(f"{server.url}/info/", timeout=30).json()["model_dir"])))
+    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    assert "model_dir" not in info and str(server.studies.parent) not in json.dumps(info)  # no server paths out of the API
+    model_dir = server.studies.parent / "model"
     assert (model_dir / "unet3d.pt").exists()
     stats = json.loads((model_dir / "unet3d_train_stats.json").read_text())
     assert stats["epoch"] == 2 and stats["train_cases"] == 3 and stats["val_cases"] == 1

@@ -171,7 +171,6 @@ class UNetSegApp(MONAILabelApp):
         out["models_not_ready"] = {
             name: task.info() for name, task in self._infers.items() if not task.is_valid()
         }
-        out["model_dir"] = self.model_dir
         routes = getattr(self, "routes", None)
         if routes is not None:
             out["inference_queue"] = routes.executor.stats()

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -92,6 +93,46 @@ class RequestFiles:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_archive(path: str, max_bytes: int, max_members: int = 10_000) -> None:
+    """Refuse archives with links, devices, absolute or ``..`` names, too many members or too many bytes."""
+    import tarfile
+    import zipfile
+
+    def check_name(name: str) -> None:
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith("/") or ".." in parts or any(ord(c) < 32 for c in name):
+            raise InputError(f"archive member {name[:80]!r} points outside its folder")
+
+    total = 0
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            if len(infos) > max_members:
+                raise InputError(f"archive has {len(infos)} members (limit {max_members})")
+            for info in infos:
+                check_name(info.filename)
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise InputError(f"archive member {info.filename[:80]!r} is a link")
+                total += info.file_size
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as t:
+            members = t.getmembers()
+            if len(members) > max_members:
+                raise InputError(f"archive has {len(members)} members (limit {max_members})")
+            for m in members:
+                check_name(m.name)
+                if not (m.isfile() or m.isdir()):
+                    raise InputError(f"archive member {m.name[:80]!r} is not a regular file (link or device)")
+                total += m.size
+    else:
+        raise InputError("uncompress: the file is not a zip or tar archive")
+    if total > max_bytes:
+        raise TooLarge(f"archive expands to {total:,} bytes, over the limit of {max_bytes:,} (conf max_upload_mb)")
+
+
 def remove_paths(*paths: str | None) -> None:
     """Remove files or folders (result files, request temp folders) after the reply was sent."""
     for path in paths:
@@ -128,7 +169,11 @@ class Routes:
             session = self.app.sessions().get_session(session_id) if self.app.sessions() else None
             if not session:
                 raise HTTPException(status_code=404, detail=f"session {session_id!r} not found (expired?)")
-            return session.image
+            path, name = session.image, session.image
+            if os.path.isdir(path):  # an extracted archive: one image file inside is that image; else a DICOM series
+                found = [f for f in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, f)) and not f.lower().endswith(".dcm")]
+                if len(found) == 1:
+                    path = name = os.path.join(path, found[0])
         else:
             raise HTTPException(status_code=422, detail="image: give a datastore image id (?image=<id>) or upload the image as form field 'file'")
         if os.path.isdir(path):
@@ -334,6 +379,44 @@ class Routes:
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
+    async def create_session(self, request: Request, uncompress: bool = False, expiry: int = 0) -> dict:
+        """``PUT /session/``: files stored in the session; archives extracted only after every member is checked."""
+        folder = tempfile.mkdtemp(prefix="unet_seg-session-")
+        try:
+            form = await request.form(max_files=64, max_fields=8)
+            paths = []
+            try:
+                for key, value in form.multi_items():
+                    if not isinstance(value, UploadFile) or key != "files":
+                        continue
+                    name = os.path.basename(value.filename or "") or f"file{len(paths)}"
+                    if not SAFE_NAME.match(name):
+                        raise HTTPException(status_code=422, detail=f"file name {name[:60]!r}: use letters, digits, '.', '_' and '-' only")
+                    path = os.path.join(folder, name)
+                    with open(path, "wb") as out:
+                        await run_in_threadpool(shutil.copyfileobj, value.file, out, 1024 * 1024)
+                    paths.append(path)
+            finally:
+                await form.close()
+            if not paths:
+                raise HTTPException(status_code=422, detail="files: upload the image file(s) as form field 'files'")
+            if not 0 <= expiry <= 86400:
+                raise HTTPException(status_code=422, detail=f"expiry: must be in [0, 86400] seconds, got {expiry}")
+            if uncompress:
+                if len(paths) != 1:
+                    raise HTTPException(status_code=422, detail="uncompress: send exactly one archive")
+                await run_in_threadpool(check_archive, paths[0], self.limits.max_upload_bytes)
+            sessions = self.app.sessions()
+            if sessions is None:
+                raise HTTPException(status_code=409, detail="sessions are switched off on this server")
+            source = paths[0] if len(paths) == 1 else folder
+            session_id, info = await run_in_threadpool(sessions.add_session, source, expiry, uncompress)
+            return {"session_id": session_id, "session_info": {k: v for k, v in info.to_json().items() if k not in ("path", "image")}}
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     async def token(self, request: Request) -> Response:
         """``POST /auth/token`` (form username, password): the realm's token, 401 for bad credentials (never 500)."""
         from monailabel.config import settings as ml_settings
@@ -391,12 +474,16 @@ class Routes:
         async def token(request: Request) -> Response:
             return await routes.token(request)
 
+        async def create_session(request: Request, uncompress: bool = False, expiry: int = 0, u: User = admin) -> dict:
+            return await routes.create_session(request, uncompress, expiry)
+
         async def no_wsi(model: str) -> Any:
             raise HTTPException(status_code=404, detail=f"no whole-slide (WSI) models are served; use POST /infer/{{model}} "
                                                         f"with models: {', '.join(routes.app._infers)}")
 
         table: list[tuple[str, list[str], Callable[..., Any]]] = [
             ("/auth/token", ["POST"], token),
+            ("/session/", ["PUT"], create_session),
             ("/infer/wsi/{model}", ["POST"], no_wsi),  # MONAI Label's WSI routes read any server path given as image
             ("/infer/wsi_v2/{model}", ["POST"], no_wsi),
             ("/infer/{model}", ["POST"], infer),
