@@ -158,3 +158,22 @@ def test_session_archives_extract_only_regular_files_inside(trusted: Server, tmp
     assert "path" not in session["session_info"] and "image" not in session["session_info"]
     r = requests.post(f"{trusted.url}/infer/unet3d", params={"session_id": session["session_id"], "output": "json"}, timeout=120)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("tag", ["../final", "a/b", "final/../../x", "t" * 300, "fin\tal", ".hidden"])
+def test_label_tags_are_names_not_paths(locked: Server, tag: str) -> None:
+    label = locked.studies / "labels" / "final" / "hippocampus_003.nii.gz"
+    before = label.read_bytes()
+    r = requests.put(f"{locked.url}/datastore/label", params={"image": "hippocampus_003", "tag": tag},
+                     files={"label": ("l.nii.gz", before)}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert "invalid label tag" in r.json()["detail"]
+    assert label.read_bytes() == before
+    assert sorted(p.name for p in (locked.studies / "labels").iterdir()) == ["final", "original"]
+
+
+@pytest.mark.parametrize("image_id", ["a\x00b", "x" * 201, "-leading-dash", "a b"])
+def test_image_ids_are_bounded_plain_names(locked: Server, image_id: str) -> None:
+    r = requests.put(f"{locked.url}/datastore/image", params={"image": image_id},
+                     files={"file": ("x.nii.gz", (locked.studies / "hippocampus_015.nii.gz").read_bytes())}, timeout=60)
+    assert r.status_code == 422 and "invalid image id" in r.json()["detail"], r.text
