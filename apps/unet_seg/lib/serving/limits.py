@@ -10,7 +10,8 @@
 * ``label_tolerance_mm`` (0.5) how far a label's grid may sit from its image's
 
 ``BodyGuard`` wraps the whole ASGI app once: 413 for oversized bodies (declared or streamed), and
-error replies scrubbed of the server's folder paths (logged in full, replied with names only).
+error and JSON replies (``/info`` shows trainer configs) scrubbed of the server's folder paths
+(logged in full, replied with names only).
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class BodyGuard:
                 return  # the app's own reply to the aborted body is replaced by our 413
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                if status >= 400:
-                    state["error"] = message  # hold it: the body is scrubbed first
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                if status >= 400 or content_type.startswith(b"application/json"):
+                    state["error"] = message  # hold it: the body is scrubbed first (errors and JSON replies such as /info)
                     return
                 state["started"] = True
             elif message["type"] == "http.response.body" and state["error"] is not None:
