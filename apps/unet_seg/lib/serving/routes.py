@@ -106,29 +106,21 @@ def check_archive(path: str, max_bytes: int, max_members: int = 10_000) -> None:
         if name.startswith("/") or ".." in parts or any(ord(c) < 32 for c in name):
             raise InputError(f"archive member {name[:80]!r} points outside its folder")
 
-    total = 0
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            if len(infos) > max_members:
-                raise InputError(f"archive has {len(infos)} members (limit {max_members})")
-            for info in infos:
-                check_name(info.filename)
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise InputError(f"archive member {info.filename[:80]!r} is a link")
-                total += info.file_size
+        with zipfile.ZipFile(path) as z:  # (name, regular file or folder, size); a zip symlink has mode 0o120000
+            entries = [(i.filename, (i.external_attr >> 16) & 0o170000 != 0o120000, i.file_size) for i in z.infolist()]
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as t:
-            members = t.getmembers()
-            if len(members) > max_members:
-                raise InputError(f"archive has {len(members)} members (limit {max_members})")
-            for m in members:
-                check_name(m.name)
-                if not (m.isfile() or m.isdir()):
-                    raise InputError(f"archive member {m.name[:80]!r} is not a regular file (link or device)")
-                total += m.size
+            entries = [(m.name, m.isfile() or m.isdir(), m.size) for m in t.getmembers()]
     else:
         raise InputError("uncompress: the file is not a zip or tar archive")
+    if len(entries) > max_members:
+        raise InputError(f"archive has {len(entries)} members (limit {max_members})")
+    for name, regular, _ in entries:
+        check_name(name)
+        if not regular:
+            raise InputError(f"archive member {name[:80]!r} is not a regular file (link or device)")
+    total = sum(size for _, _, size in entries)
     if total > max_bytes:
         raise TooLarge(f"archive expands to {total:,} bytes, over the limit of {max_bytes:,} (conf max_upload_mb)")
 
