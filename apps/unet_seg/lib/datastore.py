@@ -176,13 +176,10 @@ class ValidatingDatastore(LocalDatastore):
         return super().__str__()
 
     # ---- images -----------------------------------------------------------------------------
-    def check_image_file(self, path: str, name: str) -> tuple[FileHeader, tuple[int, ...], np.ndarray | None]:
-        return check_image_upload(self.rules, path, name)
-
     def add_checked_image(self, image_id: str, path: str, name: str, info: dict[str, Any], overwrite: bool) -> dict[str, Any]:
         """Store an uploaded image after checking it; 409 for an existing id unless ``overwrite``."""
         check_id(image_id)
-        header, shape, affine = self.check_image_file(path, name)
+        header, shape, affine = check_image_upload(self.rules, path, name)
         with self._mutex:
             exists = image_id in self._datastore.objects
             if exists and not overwrite:

@@ -61,6 +61,19 @@ class Limits:
         return self.train_body_bytes if path.startswith(SMALL_BODY_PREFIXES) else self.max_upload_bytes
 
 
+async def reply(send: Callable[[Message], Awaitable[None]], status: int, detail: str,
+                extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a whole JSON ``{"detail": ...}`` reply from ASGI middleware (before the app answered)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra_headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+CLOSE = [(b"connection", b"close")]  # the rest of an over-limit body is not read
+
+
 class BodyTooLarge(Exception):
     """Raised from ``receive`` when a streamed body passes its limit."""
 
@@ -80,13 +93,6 @@ class BodyGuard:
         self.limits = limits
         self.folders = folders
 
-    async def _reply(self, send: Callable[[Message], Awaitable[None]], status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] != "http":
@@ -101,10 +107,10 @@ class BodyGuard:
             try:
                 size = int(declared)
             except ValueError:
-                await self._reply(send, 400, "invalid Content-Length header")
+                await reply(send, 400, "invalid Content-Length header", CLOSE)
                 return
             if size > limit:
-                await self._reply(send, 413, too_large)
+                await reply(send, 413, too_large, CLOSE)
                 return
         state: dict[str, Any] = {"received": 0, "over": False, "started": False, "error": None, "error_body": b""}
 
@@ -146,4 +152,4 @@ class BodyGuard:
         except BodyTooLarge:
             logger.warning(f"{path}: {too_large}")
             if not state["started"]:
-                await self._reply(send, 413, too_large)
+                await reply(send, 413, too_large, CLOSE)

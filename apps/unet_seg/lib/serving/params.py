@@ -192,3 +192,10 @@ def check_params(params: Mapping[str, Any], fields: Mapping[str, Field], what: s
             raise ConfError(f"{what}: unknown parameter {str(key)[:60]!r}; allowed: {', '.join(sorted([*fields, *extra]))}")
         field.check(key, value)
     return dict(params)
+
+
+def check_info_size(params: Mapping[str, Any], limit: int = 100_000) -> dict[str, Any]:
+    """Free-form upload ``params`` (stored as image/label info) bounded in size; ConfError otherwise."""
+    if len(json.dumps(params)) > limit:
+        raise ConfError(f"params: too long (over {limit:,} characters)")
+    return dict(params)

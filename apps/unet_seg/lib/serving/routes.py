@@ -41,7 +41,7 @@ from ..datastore import ValidatingDatastore, check_id, check_image_upload, check
 from ..validation import InputError, TooLarge, check_affine, check_dtype, file_suffix, probe_file
 from .executor import BoundedExecutor, QueueFull
 from .limits import Limits
-from .params import INFER_FIELDS, TRAIN_FIELDS, check_params, parse_params
+from .params import INFER_FIELDS, TRAIN_FIELDS, check_info_size, check_params, parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +242,7 @@ class Routes:
             overwrite = parse_bool(params.pop("overwrite", False), "overwrite")
             if overwrite:
                 self._require_reviewer(request, f"replacing image {image_id!r}")
-            if len(json.dumps(params)) > 100_000:
-                raise ConfError("params: too long (over 100,000 characters)")
+            check_info_size(params)
             if user is not None and getattr(user, "username", None):
                 params["user"] = user.username
             return await run_in_threadpool(self._store_image, image_id, path, name, params, overwrite)
@@ -281,8 +280,7 @@ class Routes:
                 raise HTTPException(status_code=422, detail="label: upload the label as multipart form field 'label'")
             path, name = files.files["label"]
             params = parse_params(files.fields.get("params"), "params")
-            if len(json.dumps(params)) > 100_000:
-                raise ConfError("params: too long (over 100,000 characters)")
+            check_info_size(params)
             if (tag or "final") == "final" and image in self.app.datastore().list_images() \
                     and self.app.datastore().get_label_by_image_id(image, "final"):
                 self._require_reviewer(request, f"replacing the final label of {image!r}")

@@ -43,12 +43,10 @@ from fastapi import Request
 from monailabel.endpoints.user.auth import User
 
 from ..conf import AppConf, ConfError
+from .limits import ASGIApp, Message, Scope, reply
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 # (method or "*", path prefix) of the admin surface
 ADMIN_ENDPOINTS: tuple[tuple[str, str], ...] = (
@@ -192,15 +190,6 @@ class TokenVerifier:
         return {"username": str(payload.get(self.conf.username_claim) or payload.get("sub") or ""),
                 "email": payload.get("email"), "name": payload.get("name"),
                 "roles": [str(r) for r in roles] if isinstance(roles, list) else []}
-
-
-async def reply(send: Callable[[Message], Awaitable[None]], status: int, detail: str,
-                extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra_headers or [])]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class SecurityGate:
