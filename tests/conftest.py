@@ -60,3 +60,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, require_data: None) -> Iter
     conf = dict(TINY_CONF, model_dir=str(base / "model"))
     with running_server(studies, conf, base / "server.log") as srv:
         yield srv
+
+
+def serving_meta(model_dir: Path | str, model: str) -> dict:
+    """Meta of the version that serves ``model`` (as stored: CheckpointMeta.to_dict())."""
+    from lib.modelstore import ModelStore
+
+    store = ModelStore(str(model_dir), model)
+    serving = store.serving()
+    assert serving is not None, f"{model}: no version serves; versions: {store.describe()}"
+    return store.meta(serving.id).to_dict()

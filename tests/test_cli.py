@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HIPPO, ROOT, free_port
+from conftest import HIPPO, ROOT, free_port, serving_meta
 
 CASES = ["001", "003", "004", "006"]
 TINY = ["--conf", "preset=tiny", "--conf", "roi_size=16"]
@@ -61,7 +61,7 @@ def test_help_documents_every_flag() -> None:
 
 
 def test_train_publishes_model_stats_and_curves(trained: Path) -> None:
-    meta = torch.load(trained / "model" / "unet3d.pt", weights_only=True)["meta"]
+    meta = serving_meta(trained / "model", "unet3d")
     assert meta["labels"] == {"anterior": 1, "posterior": 2}
     stats = json.loads((trained / "model" / "unet3d_train_stats.json").read_text())
     assert [h["epoch"] for h in stats["history"]] == [1, 2] and stats["history"][0]["train_loss"] > 0
@@ -147,14 +147,14 @@ def test_torchrun_two_cpu_processes(msd: Path, tmp_path: Path) -> None:
                         *TINY, "--epochs", "1", "--val_split", "0.25", "--device", "cpu"],
                        capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    meta = torch.load(tmp_path / "model" / "unet3d.pt", weights_only=True)["meta"]
+    meta = serving_meta(tmp_path / "model", "unet3d")
     assert meta["world_size"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--config", "unet9d"], "unknown --config 'unet9d'"),
     (["train", "--config", "unet3d", "--data", "/nonexistent"], "is not a folder"),
-    (["evaluate", "--config", "unet3d"], "no model at"),
+    (["evaluate", "--config", "unet3d"], "no version serves yet"),
 ])
 def test_bad_input_exits_2_with_message(args: list[str], message: str, tmp_path: Path) -> None:
     r = cli(*args, "--results", str(tmp_path))
@@ -171,7 +171,7 @@ def test_bad_dataset_json_fields(tmp_path: Path) -> None:
     nib.save(img, data / "a.nii.gz")
     r = cli("train", "--config", "unet3d", "--data", str(data), "--results", str(tmp_path / "out"))
     assert r.returncode == 2 and "training[0] has no 'label' field" in r.stderr
-    assert not (tmp_path / "out" / "model" / "unet3d.pt").exists()
+    assert not list((tmp_path / "out" / "model").glob("unet3d/versions/*.pt"))
 
 
 def test_mismatched_label_shape_is_named(msd: Path, tmp_path: Path) -> None:

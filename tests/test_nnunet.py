@@ -14,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from conftest import APP_DIR, HIPPO_IDS, Server, hippo_case, make_studies, running_server
+from conftest import APP_DIR, HIPPO_IDS, Server, hippo_case, make_studies, running_server, serving_meta
 
 TINY_NN = {"base_filters": "4", "max_filters": "16", "max_patch_voxels": str(16**3), "max_epochs": "2",
            "iterations_per_epoch": "3", "tracking": "none"}
@@ -86,7 +86,7 @@ def test_plan_made_once_and_replanned_on_request(tmp_path: Path, require_data: N
     assert plan_file.stat().st_mtime_ns == stamp  # reused, not re-planned
     app.train({"model": "nnunet", "max_epochs": 1, "replan": True})
     assert plan_file.stat().st_mtime_ns != stamp
-    meta = torch.load(Path(app.model_dir) / "nnunet.pt", map_location="cpu", weights_only=True)["meta"]
+    meta = serving_meta(app.model_dir, "nnunet")
     assert meta["plan"]["target_spacing"] == plan["target_spacing"] and meta["spec"]["deep_supervision"] is True
     assert set(meta["postprocessing"]["largest_component"]) <= {"anterior", "posterior"}
 
@@ -98,7 +98,7 @@ def test_folds_ensemble_and_postprocessing(tmp_path: Path, require_data: None) -
         assert stats["val_cases"] == 2 and "postprocessing" in stats
     folds = json.loads((Path(app.model_dir) / "nnunet_folds.json").read_text())["assignment"]
     assert sorted(folds.values()) == [0, 0, 1, 1]
-    assert (Path(app.model_dir) / "nnunet_fold0.pt").exists() and (Path(app.model_dir) / "nnunet_fold1.pt").exists()
+    assert sorted(app.model_store("nnunet").latest_per_fold()) == [0, 1]
     single = app.infer({"model": "nnunet", "image": str(hippo_case(8)[0]), "tta": False})
     both = app.infer({"model": "nnunet", "image": str(hippo_case(8)[0]), "tta": False, "ensemble": True})
     assert single["params"]["ensemble"] == 1 and both["params"]["ensemble"] == 2

@@ -1,8 +1,10 @@
-"""Tests of lib.planning: nnU-Net v2 fingerprint -> plan rules on real MSD hippocampus and synthetic datasets."""
+"""Tests of lib.planning: nnU-Net v2 fingerprint -> plan rules on real MSD hippocampus and synthetic datasets,
+and the typed, versioned Plan (JSON round trip, old files, newer versions refused)."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -12,14 +14,18 @@ import pytest
 
 from conftest import HIPPO
 from lib.planning import (
+    PLAN_VERSION,
+    Plan,
     PlanningError,
     cases_from_dataset_json,
     estimate_feature_map_voxels,
     fingerprint_from_cases,
     load_json,
+    load_plan,
     plan_from_fingerprint,
     pooling_topology,
     save_json,
+    save_plan,
     target_spacing,
 )
 
@@ -43,27 +49,28 @@ def uniform_fp(spacing: list[float], shape: list[int], n: int = 50, labels: tupl
     return synthetic_fp([list(spacing)] * n, [list(shape)] * n, labels)
 
 
-def assert_consistent_topology(plan: dict) -> None:
+def assert_consistent_topology(plan: Plan) -> None:
     """Structural invariants every plan must satisfy."""
-    dims = plan["dims"]
-    n = plan["num_stages"]
-    assert len(plan["strides"]) == len(plan["kernel_sizes"]) == len(plan["filters"]) == n
-    assert plan["strides"][0] == [1] * dims
-    pools = [sum(1 for s in plan["strides"] if s[a] == 2) for a in range(dims)]
-    assert pools == plan["num_pool_per_axis"]
-    assert plan["divisible_by"] == [2**p for p in pools]
-    assert all(p % d == 0 for p, d in zip(plan["patch_size"], plan["divisible_by"]))
+    dims = plan.dims
+    n = plan.num_stages
+    assert len(plan.strides) == len(plan.kernel_sizes) == len(plan.filters) == n
+    assert plan.strides[0] == [1] * dims
+    pools = [sum(1 for s in plan.strides if s[a] == 2) for a in range(dims)]
+    assert pools == plan.num_pool_per_axis
+    assert plan.divisible_by == [2**p for p in pools]
+    assert all(p % d == 0 for p, d in zip(plan.patch_size, plan.divisible_by))
     # bottleneck feature map edge is never below featuremap_min_edge_length (4) on a pooled axis
-    assert all(p // d >= 4 for p, d, k in zip(plan["patch_size"], plan["divisible_by"], pools) if k > 0)
+    assert all(p // d >= 4 for p, d, k in zip(plan.patch_size, plan.divisible_by, pools) if k > 0)
     cap = 320 if dims == 3 else 512
-    assert plan["filters"] == [min(cap, 32 * 2**i) for i in range(n)]
-    assert max(plan["filters"]) <= cap
-    assert plan["kernel_sizes"][-1] == [3] * dims
-    assert plan["batch_size"] >= 2
-    mem = plan["memory"]
+    assert plan.filters == [min(cap, 32 * 2**i) for i in range(n)]
+    assert max(plan.filters) <= cap
+    assert plan.kernel_sizes[-1] == [3] * dims
+    assert plan.batch_size >= 2
+    mem = plan.memory
     ref_bs = 2 if dims == 3 else 12
     assert mem["estimated_feature_map_voxels"] / ref_bs * 2 <= mem["reference_feature_map_voxels"]
-    json.dumps(plan, allow_nan=False)  # strict JSON
+    assert isinstance(plan, Plan) and plan.version == PLAN_VERSION
+    json.dumps(plan.to_dict(), allow_nan=False)  # strict JSON
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,34 +112,34 @@ def test_hippocampus_fingerprint(hippo_fp: dict) -> None:
 def test_hippocampus_3d_plan_matches_nnunet(hippo_fp: dict) -> None:
     plan = plan_from_fingerprint(hippo_fp, dims=3)
     assert_consistent_topology(plan)
-    assert plan["target_spacing"] == [1.0, 1.0, 1.0]
-    assert plan["patch_size"] == [40, 56, 40]  # nnU-Net's published 3d_fullres patch
-    assert plan["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
-    assert plan["kernel_sizes"] == [[3, 3, 3]] * 4
-    assert plan["filters"] == [32, 64, 128, 256]
-    assert plan["num_classes"] == 3 and plan["labels"] == [0, 1, 2]
-    assert plan["normalization"] == [{"channel": 0, "modality": "MRI", "scheme": "zscore", "use_nonzero_mask": False}]
+    assert plan.target_spacing == [1.0, 1.0, 1.0]
+    assert plan.patch_size == [40, 56, 40]  # nnU-Net's published 3d_fullres patch
+    assert plan.strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert plan.kernel_sizes == [[3, 3, 3]] * 4
+    assert plan.filters == [32, 64, 128, 256]
+    assert plan.num_classes == 3 and plan.labels == [0, 1, 2]
+    assert plan.normalization == [{"channel": 0, "modality": "MRI", "scheme": "zscore", "use_nonzero_mask": False}]
     # the batch is limited by the 5 % rule, not by memory
-    mem = plan["memory"]
-    assert mem["batch_size_from_memory"] > mem["batch_size_cap_5_percent"] == plan["batch_size"]
-    expected_cap = round(np.prod(plan["median_shape_3d"]) * hippo_fp["num_cases"] * 0.05 / np.prod(plan["patch_size"]))
-    assert plan["batch_size"] == max(2, expected_cap)
+    mem = plan.memory
+    assert mem["batch_size_from_memory"] > mem["batch_size_cap_5_percent"] == plan.batch_size
+    expected_cap = round(np.prod(plan.median_shape_3d) * hippo_fp["num_cases"] * 0.05 / np.prod(plan.patch_size))
+    assert plan.batch_size == max(2, expected_cap)
     # with the 260 training cases nnU-Net planned on, the same rule gives its published batch size 9
-    assert plan_from_fingerprint(dict(hippo_fp, num_cases=260), dims=3)["batch_size"] == 9
+    assert plan_from_fingerprint(dict(hippo_fp, num_cases=260), dims=3).batch_size == 9
 
 
 def test_hippocampus_2d_plan_matches_nnunet(hippo_fp: dict) -> None:
     plan = plan_from_fingerprint(hippo_fp, dims=2)
     assert_consistent_topology(plan)
-    assert plan["slice_axis"] == 0 and plan["axes"] == [1, 2]
-    assert plan["patch_size"] == [56, 40]  # nnU-Net's published 2d patch
-    assert plan["strides"] == [[1, 1], [2, 2], [2, 2], [2, 2]]
-    assert plan["filters"] == [32, 64, 128, 256]
-    assert plan["spacing"] == [1.0, 1.0]
+    assert plan.slice_axis == 0 and plan.axes == [1, 2]
+    assert plan.patch_size == [56, 40]  # nnU-Net's published 2d patch
+    assert plan.strides == [[1, 1], [2, 2], [2, 2], [2, 2]]
+    assert plan.filters == [32, 64, 128, 256]
+    assert plan.spacing == [1.0, 1.0]
     # nnU-Net's published 2d batch (366) with its 260 cases
-    assert plan_from_fingerprint(dict(hippo_fp, num_cases=260), dims=2)["batch_size"] == 366
+    assert plan_from_fingerprint(dict(hippo_fp, num_cases=260), dims=2).batch_size == 366
     # slicing through the last nibabel axis (nnU-Net's physical z) swaps the in-plane order
-    assert plan_from_fingerprint(hippo_fp, dims=2, slice_axis=2)["patch_size"] == [40, 56]
+    assert plan_from_fingerprint(hippo_fp, dims=2, slice_axis=2).patch_size == [40, 56]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,20 +152,20 @@ def test_hippocampus_2d_plan_matches_nnunet(hippo_fp: dict) -> None:
 def test_isotropic_plans_are_consistent(shape: list[int], dims: int) -> None:
     plan = plan_from_fingerprint(uniform_fp([1.0, 1.0, 1.0], shape), dims=dims)
     assert_consistent_topology(plan)
-    assert all(k == [3] * dims for k in plan["kernel_sizes"])  # isotropic: never a 1-kernel
+    assert all(k == [3] * dims for k in plan.kernel_sizes)  # isotropic: never a 1-kernel
 
 
 def test_filters_cap_and_memory_shrink_for_large_volumes() -> None:
     fp = uniform_fp([1.0, 1.0, 1.0], [512, 512, 512])
     p3 = plan_from_fingerprint(fp, dims=3)
-    assert p3["patch_size"] == [128, 128, 128] and p3["batch_size"] == 2  # nnU-Net's 8 GB result
-    assert p3["filters"] == [32, 64, 128, 256, 320, 320]
+    assert p3.patch_size == [128, 128, 128] and p3.batch_size == 2  # nnU-Net's 8 GB result
+    assert p3.filters == [32, 64, 128, 256, 320, 320]
     p2 = plan_from_fingerprint(fp, dims=2)
-    assert p2["filters"][-1] == 512 and p2["patch_size"] == [512, 512]
+    assert p2.filters[-1] == 512 and p2.patch_size == [512, 512]
     small = plan_from_fingerprint(fp, dims=3, gpu_memory_gb=4)
     big = plan_from_fingerprint(fp, dims=3, gpu_memory_gb=40)
-    assert np.prod(small["patch_size"]) < np.prod(p3["patch_size"]) < np.prod(big["patch_size"])
-    assert all(p <= 512 for p in big["patch_size"])
+    assert np.prod(small.patch_size) < np.prod(p3.patch_size) < np.prod(big.patch_size)
+    assert all(p <= 512 for p in big.patch_size)
     for p in (small, big):
         assert_consistent_topology(p)
 
@@ -166,10 +173,10 @@ def test_filters_cap_and_memory_shrink_for_large_volumes() -> None:
 def test_known_nnunet_topologies() -> None:
     """Spot checks against nnU-Net v2 plans of MSD datasets (median spacing/shape given directly)."""
     heart = plan_from_fingerprint(uniform_fp([1.37, 1.25, 1.25], [115, 320, 232], n=20), dims=3)
-    assert heart["patch_size"] == [80, 192, 160] and heart["batch_size"] == 2
-    assert heart["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    assert heart.patch_size == [80, 192, 160] and heart.batch_size == 2
+    assert heart.strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
     brats2d = plan_from_fingerprint(uniform_fp([1.0, 1.0, 1.0], [138, 169, 138], n=484, labels=(0, 1, 2, 3)), dims=2)
-    assert brats2d["patch_size"] == [192, 160] and brats2d["batch_size"] == 105
+    assert brats2d.patch_size == [192, 160] and brats2d.batch_size == 105
 
 
 def test_feature_map_estimate_by_hand() -> None:
@@ -198,15 +205,15 @@ def test_anisotropic_target_spacing_and_topology() -> None:
     assert target_spacing(fp["spacings"], fp["shapes_after_crop"]) == pytest.approx([expected, 0.8, 0.8])
     plan = plan_from_fingerprint(fp, dims=3)
     assert_consistent_topology(plan)
-    assert plan["target_spacing"] == pytest.approx([expected, 0.8, 0.8])
-    k = plan["kernel_sizes"]
+    assert plan.target_spacing == pytest.approx([expected, 0.8, 0.8])
+    k = plan.kernel_sizes
     assert k[0] == [1, 3, 3] and k[1] == [1, 3, 3]  # coarse axis: in-plane conv only at first
     assert all(kk[0] == 3 for kk in k[2:])  # once the in-plane axes caught up, 3 for good
-    assert plan["strides"][1] == [1, 2, 2]  # the coarse axis waits while the others pool
-    pools = plan["num_pool_per_axis"]
+    assert plan.strides[1] == [1, 2, 2]  # the coarse axis waits while the others pool
+    pools = plan.num_pool_per_axis
     assert pools[0] < pools[1] == pools[2]
     p2 = plan_from_fingerprint(fp, dims=2)
-    assert p2["slice_axis"] == 0 and p2["axes"] == [1, 2] and p2["spacing"] == [0.8, 0.8]
+    assert p2.slice_axis == 0 and p2.axes == [1, 2] and p2.spacing == [0.8, 0.8]
     assert_consistent_topology(p2)
 
 
@@ -312,17 +319,17 @@ def test_ct_and_mri_normalisation(tmp_path: Path) -> None:
                       "label": write_nifti(tmp_path / f"ctl{i}.nii.gz", lab)})
     fp = fingerprint_from_cases(cases, modality="CT")
     props = fp["foreground_intensity_properties_per_channel"][0]
-    (ct,) = plan_from_fingerprint(fp, dims=3)["normalization"]
+    (ct,) = plan_from_fingerprint(fp, dims=3).normalization
     assert ct["scheme"] == "ct"
     assert ct["clip_min"] == props["percentile_00_5"] and ct["clip_max"] == props["percentile_99_5"]
     assert ct["mean"] == props["mean"] and ct["std"] == props["std"]
     assert ct["clip_min"] < ct["mean"] < ct["clip_max"]
-    (mri,) = plan_from_fingerprint(fp, dims=3, modality="MRI")["normalization"]
+    (mri,) = plan_from_fingerprint(fp, dims=3, modality="MRI").normalization
     assert mri == {"channel": 0, "modality": "MRI", "scheme": "zscore", "use_nonzero_mask": False}
     # heavy cropping (< 75 % of the image is kept) switches z-score to the non-zero mask, as in nnU-Net
     mixed = make_case(tmp_path, "mixed", channels=2)
     fp2 = fingerprint_from_cases([mixed], modality=["ct", "T2"])
-    n0, n1 = plan_from_fingerprint(fp2, dims=2)["normalization"]
+    n0, n1 = plan_from_fingerprint(fp2, dims=2).normalization
     assert n0["scheme"] == "ct" and n0["clip_min"] == n0["clip_max"] == 100.0
     assert n1 == {"channel": 1, "modality": "T2", "scheme": "zscore", "use_nonzero_mask": True}
 
@@ -391,8 +398,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
 def test_save_json_is_atomic_and_plain(tmp_path: Path) -> None:
     target = tmp_path / "model" / "plan.json"
     plan = plan_from_fingerprint(uniform_fp([1.0, 1.0, 1.0], [64, 64, 64]), dims=3)
-    save_json(plan, target)
-    assert load_json(target) == plan
+    save_plan(plan, target)
+    assert load_plan(target) == plan and load_json(target) == plan.to_dict()
     save_json({"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(3), "d": (1, 2)}, target)  # overwrite
     assert load_json(target) == {"a": 3, "b": 0.5, "c": [0, 1, 2], "d": [1, 2]}
     assert sorted(p.name for p in target.parent.iterdir()) == ["plan.json"]  # no temp files left
@@ -400,3 +407,49 @@ def test_save_json_is_atomic_and_plain(tmp_path: Path) -> None:
         save_json({"x": float("nan")}, target)  # strict JSON, and the old file survives
     assert load_json(target)["a"] == 3
     assert sorted(p.name for p in target.parent.iterdir()) == ["plan.json"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the typed, versioned plan
+# --------------------------------------------------------------------------------------------------
+
+
+def test_plan_round_trip_pickles_and_trims_the_summary() -> None:
+    plan = plan_from_fingerprint(uniform_fp([1.0, 1.0, 1.0], [64, 64, 64]), dims=2)
+    data = plan.to_dict()
+    assert next(iter(data)) == "version" and data["version"] == PLAN_VERSION
+    assert Plan.from_dict(data) == plan
+    assert pickle.loads(pickle.dumps(plan)) == plan  # requests carrying it are pickled to training processes
+    trimmed = plan.to_dict(fingerprint_summary=False)  # what checkpoints store
+    assert "fingerprint_summary" not in trimmed and "fingerprint_summary" in data
+    again = Plan.from_dict(trimmed)
+    assert again.fingerprint_summary is None and again.to_dict() == trimmed
+    assert (again.dims, again.slice_axis, again.patch_size) == (2, plan.slice_axis, plan.patch_size)
+
+
+def test_plan_saved_before_the_version_field_still_loads(tmp_path: Path) -> None:
+    plan = plan_from_fingerprint(uniform_fp([1.0, 1.0, 1.0], [64, 64, 64]), dims=3)
+    old = {k: v for k, v in plan.to_dict().items() if k != "version"}  # today's files on disk
+    (tmp_path / "old_plan.json").write_text(json.dumps(old))
+    loaded = load_plan(tmp_path / "old_plan.json")
+    assert loaded == plan and loaded.version == PLAN_VERSION
+    assert Plan.from_dict(dict(old, some_future_note="x")) == plan  # unknown keys are ignored
+
+
+def test_plan_refuses_newer_versions_and_missing_keys(tmp_path: Path) -> None:
+    data = plan_from_fingerprint(uniform_fp([1.0, 1.0, 1.0], [64, 64, 64]), dims=3).to_dict()
+    with pytest.raises(ValueError, match=f"version {PLAN_VERSION + 1} is newer than this code understands"):
+        Plan.from_dict(dict(data, version=PLAN_VERSION + 1))
+    with pytest.raises(ValueError, match="'version' must be a positive integer"):
+        Plan.from_dict(dict(data, version="1"))
+    with pytest.raises(ValueError, match="missing required key.*patch_size.*normalization"):
+        Plan.from_dict({k: v for k, v in data.items() if k not in ("patch_size", "normalization")})
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        Plan.from_dict([1, 2])
+    with pytest.raises(ValueError, match="one of each per stage"):
+        Plan.from_dict(dict(data, filters=data["filters"][:-1]))
+    with pytest.raises(ValueError, match="2D plan needs slice_axis"):
+        Plan.from_dict(dict(data, dims=2, patch_size=data["patch_size"][:2], slice_axis=None))
+    (tmp_path / "new_plan.json").write_text(json.dumps(dict(data, version=PLAN_VERSION + 1)))
+    with pytest.raises(PlanningError, match=r"new_plan\.json: plan: version"):
+        load_plan(tmp_path / "new_plan.json")

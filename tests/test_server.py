@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import requests
 
-from conftest import Server, hippo_case
+from conftest import Server, hippo_case, serving_meta
 
 
 def infer(server: Server, image_id: str, **params: object) -> requests.Response:
@@ -95,7 +95,7 @@ def test_train_publishes_model_and_stats(server: Server) -> None:
     info = requests.get(f"{server.url}/info/", timeout=30).json()
     assert "model_dir" not in info and str(server.studies.parent) not in json.dumps(info)  # no server paths out of the API
     model_dir = server.studies.parent / "model"
-    assert (model_dir / "unet3d.pt").exists()
+    assert serving_meta(model_dir, "unet3d")["source"] == "trained"
     stats = json.loads((model_dir / "unet3d_train_stats.json").read_text())
     assert stats["epoch"] == 2 and stats["train_cases"] == 3 and stats["val_cases"] == 1
     assert set(stats["val_dice_per_class"]) == {"anterior", "posterior"}

@@ -37,7 +37,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             "model_dir": str(base / "model"), "tracking": "none", "auto_retrain_after": "0",
             "infer_workers": "1", "infer_queue": "4"}
     (base / "model").mkdir()
-    (base / "model" / ".publish_abc123.pt").write_bytes(b"half-written checkpoint of a killed training")
+    (base / "model" / ".publish_abc123.pt").write_bytes(b"half-written checkpoint of the old single-file layout")
+    (base / "model" / "unet3d" / "versions").mkdir(parents=True)
+    (base / "model" / "unet3d" / "versions" / ".tmp-999999999-abc.pt").write_bytes(b"half-written version of a killed writer")
     with running_server(studies, conf, base / "server.log") as srv:
         yield srv
 
@@ -180,7 +182,9 @@ def test_reupload_is_409_unless_overwrite_and_labels_follow_the_geometry(shared:
 def test_startup_removed_the_interrupted_publish(shared: Server) -> None:
     model_dir = shared.studies.parent / "model"
     assert not list(model_dir.glob(".publish_*")), list(model_dir.iterdir())
-    assert "leftover of an interrupted publish" in shared.log.read_text()
+    assert not list((model_dir / "unet3d" / "versions").glob(".tmp-*"))
+    log = shared.log.read_text()
+    assert "interrupted write of the old layout" in log and "temp file of an interrupted write" in log
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (64, 1, 1), (5, 7, 3), (3, 1, 64)])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import APP_DIR, ROOT, free_port, make_studies
+from conftest import APP_DIR, ROOT, free_port, make_studies, serving_meta
 
 
 def make_app(tmp_path: Path, labelled: list[int], unlabelled: list[int] | None = None, **conf: str):
@@ -25,7 +25,7 @@ def make_app(tmp_path: Path, labelled: list[int], unlabelled: list[int] | None =
 
 
 def published_meta(app) -> dict:
-    return torch.load(Path(app.model_dir) / "unet3d.pt", map_location="cpu", weights_only=True)["meta"]
+    return serving_meta(app.model_dir, "unet3d")
 
 
 def test_two_process_cpu_training_gloo(tmp_path: Path, require_data: None) -> None:
@@ -35,7 +35,7 @@ def test_two_process_cpu_training_gloo(tmp_path: Path, require_data: None) -> No
     meta = published_meta(app)
     assert meta["world_size"] == 2 and meta["labels"] == {"anterior": 1, "posterior": 2}
     # the published DDP model has plain (unwrapped) keys and serves
-    state = torch.load(Path(app.model_dir) / "unet3d.pt", map_location="cpu", weights_only=True)["model"]
+    state, _ = app.model_store("unet3d").load(meta["version"])
     assert not any(k.startswith("module.") for k in state)
     src = tmp_path / "studies" / "hippocampus_003.nii.gz"
     ras = nib.load(app.infer({"model": "unet3d", "image": "hippocampus_003"})["file"])
@@ -66,7 +66,7 @@ def test_amp_bf16_path_runs_on_cpu(tmp_path: Path, require_data: None) -> None:
 
 
 def test_retrain_keeps_split_and_serves_newer_model(tmp_path: Path, require_data: None) -> None:
-    app = make_app(tmp_path, [3, 4, 1, 6], [8])
+    app = make_app(tmp_path, [3, 4, 1, 6], [8], promotion="always")  # the gate has its own tests (test_model_lifecycle)
     app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.25})
     split1 = json.loads((Path(app.model_dir) / "unet3d_split.json").read_text())
     v1 = published_meta(app)["version"]
@@ -79,7 +79,7 @@ def test_retrain_keeps_split_and_serves_newer_model(tmp_path: Path, require_data
     import time
 
     time.sleep(1.1)  # run ids have one-second resolution
-    orphan = Path(app.model_dir) / ".publish_killed.pt"  # what a training killed while publishing leaves
+    orphan = Path(app.model_dir) / "unet3d" / "versions" / ".tmp-999999999-abc.pt"  # what a writer killed mid-write leaves
     orphan.write_bytes(b"half a checkpoint")
     stats = app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.25})
     assert not orphan.exists()  # removed when the next training starts
@@ -87,8 +87,9 @@ def test_retrain_keeps_split_and_serves_newer_model(tmp_path: Path, require_data
     assert split2["validation"] == split1["validation"]
     assert "hippocampus_008.nii.gz" in split2["training"] and stats["train_cases"] == 4
     v2 = published_meta(app)["version"]
-    assert v2 != v1
+    assert (v1, v2) == ("v1", "v2") and published_meta(app)["parent"] == "v1"  # fine-tuned from the serving version
     assert app.info()["models"]["unet3d"]["version"]["version"] == v2
+    assert stats["gate"]["decision"] == "serving" and stats["gate"]["mode"] == "always"
 
 
 def test_empty_datastore_training_fails_clearly(tmp_path: Path, require_data: None) -> None:
@@ -120,18 +121,25 @@ def test_bad_label_in_datastore_fails_training_with_named_file(tmp_path: Path, r
 
 
 def test_unusable_checkpoints_are_reported_not_served(tmp_path: Path, require_data: None) -> None:
-    from lib.checkpoints import write_checkpoint_atomic
     from lib.infers.base import ModelNotReady
 
-    app = make_app(tmp_path, [3])
-    model_file = Path(app.model_dir) / "unet3d.pt"
-    model_file.write_bytes(b"garbage, not a checkpoint")
+    app = make_app(tmp_path, [3], preset="small", roi_size="40,56,40",
+                   **{"unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt")})
+    store = app.model_store("unet3d")
+    assert store.serving().id == "v1" and store.get("v1").source == "imported"
+    state, meta = store.load("v1")
+    # a version for other labels can be recorded and promoted, but it is refused with the reason, never served
+    meta.labels = {"liver": 1}
+    other = store.add(state, meta, reason="test: other labels")
+    store.promote(other.id)
+    reason = app.info()["models_not_ready"]["unet3d"]["not_ready_reason"]
+    assert "labels" in reason and "liver" in reason and other.id in reason
+    assert "unet3d" not in app.info()["models"]
+    with pytest.raises(ModelNotReady):
+        app.infer_task("unet3d")({"image": str(tmp_path / "studies" / "hippocampus_003.nii.gz")})
+    store.rollback()
+    assert app.infer_task("unet3d").is_valid()
+    # a serving file that became garbage: not ready, with the reason
+    Path(store.path("v1")).write_bytes(b"garbage, not a checkpoint")
     reason = app.info()["models_not_ready"]["unet3d"]["not_ready_reason"]
     assert "cannot be read" in reason
-    with pytest.raises(ModelNotReady):
-        app._infers["unet3d"]({"image": str(tmp_path / "studies" / "hippocampus_003.nii.gz")})
-    # a checkpoint for other labels is refused with the reason, never served
-    write_checkpoint_atomic(str(model_file), {}, {"model": "unet3d", "labels": {"liver": 1}, "in_channels": 1, "spatial_dims": 3})
-    reason = app.info()["models_not_ready"]["unet3d"]["not_ready_reason"]
-    assert "labels" in reason and "liver" in reason
-    assert "unet3d" not in app.info()["models"]

@@ -13,6 +13,8 @@ from lib.metrics import isbi_scores, scores_2d, soft_dice
 from lib.networks import UNet2D, UNet2DSpec, count_parameters
 from lib.transforms import BorderWeightd, RandSliced, border_weight_map
 
+from conftest import serving_meta
+
 
 def two_cells(gap: int = 2) -> np.ndarray:
     """10x22 map: two 10x10 cells (value 1) side by side, ``gap`` membrane columns between them."""
@@ -158,7 +160,7 @@ def test_weighted_loss_and_sgd_train_in_process(tmp_path) -> None:
     app = UNetSegApp(str(APP_DIR), str(studies), {"models": "unet2d", "preset": "tiny", "roi_size": "32",
                                                    "tracking": "none", "model_dir": str(tmp_path / "model")})
     stats = app.train({"model": "unet2d", "max_epochs": 1, "loss": "weighted_ce_dice", "optimizer": "sgd", "val_split": 0.34})
-    meta = torch.load(tmp_path / "model" / "unet2d.pt", weights_only=True)["meta"]
+    meta = serving_meta(tmp_path / "model", "unet2d")
     assert meta["loss"] == "weighted_ce_dice" and meta["label_map"] == {"255": 1}
     assert stats["val_cases"] == 1 and "cell" in stats["val_dice_per_class"]
     with pytest.raises(ValueError, match="loss: expected one of"):

@@ -16,7 +16,7 @@ from lib.inference import flip_combinations, predict_probabilities
 from lib.metrics import dice_per_class
 from lib.networks import UNet3DSpec, build_unet3d
 from lib.runtime import cpu_has_native_bf16, resolve_amp
-from lib.trainers.base import stable_split
+from lib.trainers.splits import stable_split
 from lib.transforms import InputError, load_chain, zscore_nonzero
 from monai.transforms import Compose
 

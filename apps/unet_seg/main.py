@@ -34,11 +34,12 @@ from monailabel.utils.async_tasks.task import AsyncTask
 
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.activelearning import scoring_methods, strategies
-from lib.checkpoints import remove_publish_leftovers
 from lib.conf import AppConf, ConfError, parse_names
 from lib.datastore import UploadRules, ValidatingDatastore
 from lib.infers.base import ModelNotReady
+from lib.modelstore import ModelStore
 from lib.serving.limits import BodyGuard, Limits
+from lib.serving.models import ModelRoutes
 from lib.serving.routes import Routes
 from lib.serving.security import SecurityConf, SecurityGate, install_user_overrides
 from lib.validation import InputError, TooLarge
@@ -69,6 +70,27 @@ class UNetSegApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="unet_seg", labels=labels,
                          description="U-Net family (UNet2D, UNet3D, nnU-Net) segmentation with training, TTA and active learning",
                          version="0.1.0")
+        # the command line has no server to post scoring requests to after training (MONAI Label reads its setting at import)
+        self._auto_update_scoring = self.app_conf.bool("auto_update_scoring", settings.MONAI_LABEL_AUTO_UPDATE_SCORING)
+
+    # ---- public accessors (the command line and the routes use these, never the private task dicts) ----
+    def infer_task(self, name: str) -> Any:
+        """The inferer of model ``name`` (KeyError naming the models if unknown)."""
+        return self._task(self._infers, name)
+
+    def train_task(self, name: str) -> Any:
+        """The trainer of model ``name``."""
+        return self._task(self._trainers, name)
+
+    def model_store(self, name: str) -> ModelStore:
+        """The version store of model ``name``."""
+        return self._task({n: cfg.store for n, cfg in self.models.items()}, name)
+
+    @staticmethod
+    def _task(tasks: dict[str, Any], name: str) -> Any:
+        if name not in tasks:
+            raise KeyError(f"unknown model {name!r}; available models: {', '.join(tasks)}")
+        return tasks[name]
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -88,8 +110,7 @@ class UNetSegApp(MONAILabelApp):
         values: set[int] = set()
         for name, cfg in self.models.items():
             channels = len(cfg.modalities)
-            two_d = name in ("unet2d", "nnunet2d")  # 2D models take images and, slice by slice, volumes
-            inputs |= {(channels, 2), (channels, 3)} if two_d else {(channels, 3)}
+            inputs |= {(channels, 2), (channels, 3)} if cfg.dims == 2 else {(channels, 3)}  # 2D: images and, slice by slice, volumes
             values |= set(cfg.labels.values()) | set(getattr(cfg, "label_map", {}) or {})
         return UploadRules(inputs=inputs, label_values=values, max_voxels=self.limits.max_voxels,
                            label_tolerance_mm=self.limits.label_tolerance_mm)
@@ -104,11 +125,12 @@ class UNetSegApp(MONAILabelApp):
             logger.warning("request_routes=monailabel: MONAI Label's own routes serve /infer and uploads (inference on the "
                            "event loop, no admission checks); for side-by-side benchmarks only, never in production")
         elif server is not None:
-            remove_publish_leftovers(self.model_dir)  # only here and at training start: no publish can be running
+            for cfg in self.models.values():  # only here and at training start: no write can be running
+                cfg.store.recover()
             fastapi_app = server.app
             self.security = SecurityConf.from_conf(self.app_conf, settings.MONAI_LABEL_AUTH_ENABLE, settings)
             self.routes = Routes(self, self.limits)
-            self.routes.install(fastapi_app)
+            self.routes.install(fastapi_app, extra=ModelRoutes(self).table)
             if fastapi_app.middleware_stack is None:
                 fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
             folders = [self.studies, self.model_dir, self.app_dir, tempfile.gettempdir(), sys.prefix]

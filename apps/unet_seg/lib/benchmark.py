@@ -19,8 +19,8 @@ import torch
 from .runtime import resolve_amp, resolve_device
 
 
-def _network_for(task: Any, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The served network when trained; otherwise the config's freshly built one (benchmarks need no weights)."""
+def _network_for(task: Any, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The served network (benchmarks time the version that serves)."""
     if task.is_valid():
         return task.load_network(device)
     raise RuntimeError(f"{task.model_name}: {task.not_ready_reason()}")
@@ -46,9 +46,9 @@ def run_benchmark(ws: Any, task: Any, mode: str, batch_sizes: Sequence[int], war
     """Benchmark table + JSON for ``mode`` in (train, predict)."""
     device = resolve_device(device_name)
     net, meta = _network_for(task, device)
-    roi = list(meta["roi_size"])
-    channels = int(meta["in_channels"])
-    classes = len(meta["labels"]) + 1
+    roi = list(meta.roi_size)
+    channels = meta.in_channels
+    classes = len(meta.labels) + 1
     rows = []
     for amp_flag in (False, True):
         policy = resolve_amp(amp_flag, device)

@@ -25,12 +25,14 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from .conf import ConfError
 from .configs import CONFIG_NAMES
 from .datasets import Case, DatasetError, label_names, link_studies, load_cases
 
-MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export")
+MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export", "models")
+MODEL_ACTIONS = ("list", "promote", "rollback", "pin", "unpin")
 APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     """Every flag of every mode, documented in ``--help``."""
     p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", choices=MODES, help="what to run (or --exec_mode)")
+    p.add_argument("action", nargs="?", help=f"models mode: {', '.join(MODEL_ACTIONS)}")
+    p.add_argument("version", nargs="?", help="models promote/pin/unpin: the version id (e.g. v3)")
     p.add_argument("--exec_mode", choices=MODES, help="same as the positional MODE (NVIDIA reference spelling)")
     p.add_argument("--config", required=True, help=f"model config: {', '.join(CONFIG_NAMES)}")
     p.add_argument("--data", help="MSD-style folder with dataset.json, or a folder with images/ and labels/")
     p.add_argument("--results", required=True, help="output folder (model/, predictions/, eval.json, ...)")
+    p.add_argument("--model_dir", default=None, help="model dir to use instead of RESULTS/model (e.g. a server's, for 'models')")
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                    help="config key as for the server's --conf (e.g. preset=small, roi_size=40,56,40, labels=a,b); repeatable")
     g = p.add_argument_group("training")
@@ -72,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_probs", action="store_true", help="predict: also write softmax probability maps")
     g.add_argument("--split", default="auto", help="evaluate: 'validation' (the persisted split), 'all' labelled cases, or 'auto'")
     g = p.add_argument_group("both")
-    g.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA; bf16 on CPUs with native bf16)")
+    g.add_argument("--amp", nargs="?", const="true", default="true", metavar="true|false|fp16|bf16",
+                   help="mixed precision, the server's rule (lib/runtime.py): default true = fp16 on CUDA, bf16 on CPUs "
+                        "with avx512_bf16 or AMX, fp32 elsewhere; false = fp32")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench_mode", "--benchmark_mode", dest="bench_mode", choices=("train", "predict"), default="predict")
@@ -103,11 +110,12 @@ class Workspace:
             raise CliError(f"unknown --config {args.config!r}; valid: {', '.join(CONFIG_NAMES)}")
         self.args = args
         self.results = os.path.abspath(args.results)
-        self.model_dir = os.path.join(self.results, "model")
+        self.model_dir = os.path.abspath(args.model_dir) if args.model_dir else os.path.join(self.results, "model")
         self.studies = os.path.join(self.results, "studies")
         os.makedirs(self.model_dir, exist_ok=True)
         os.makedirs(self.studies, exist_ok=True)
-        self.conf: dict[str, str] = {"models": args.config, "model_dir": self.model_dir, "tracking": "none"}
+        self.conf: dict[str, str] = {"models": args.config, "model_dir": self.model_dir, "tracking": "none",
+                                     "auto_update_scoring": "false"}  # no server to post scoring requests to
         if args.data:
             names = label_names(args.data)
             if names:
@@ -116,36 +124,29 @@ class Workspace:
         self.conf.update(parse_conf(args.conf))
         self._app: Any = None
 
-    @property
-    def checkpoint(self) -> str:
-        """The checkpoint inference modes use."""
-        return os.path.abspath(self.args.ckpt) if self.args.ckpt else os.path.join(self.model_dir, f"{self.args.config}.pt")
-
     def _conf_from_checkpoint(self) -> dict[str, str]:
         """Conf that makes the config match a given --ckpt (labels, channels, network size, window)."""
         if not self.args.ckpt:
             return {}
-        from .checkpoints import read_meta
-        from .networks import UNET2D_PRESETS, UNET3D_PRESETS, preset_name
+        from .checkpoints import CheckpointMeta, MetaError, read_checkpoint
+        from .configs import conf_from_meta
 
         if not os.path.exists(self.args.ckpt):
             raise CliError(f"--ckpt {self.args.ckpt} does not exist")
-        meta = read_meta(self.args.ckpt)
-        if meta.get("model") not in (None, self.args.config):
-            raise CliError(f"--ckpt {self.args.ckpt} is a '{meta.get('model')}' model, not '{self.args.config}'")
-        conf = {"labels": json.dumps(meta["labels"]), "modalities": str(meta["in_channels"]),
-                "pretrained": os.path.abspath(self.args.ckpt)}
-        spec = meta.get("spec", {})
-        presets = UNET3D_PRESETS if self.args.config == "unet3d" else UNET2D_PRESETS if self.args.config == "unet2d" else {}
-        preset = preset_name(spec, presets)
-        if preset:
-            conf["preset"] = preset
-        if self.args.config in ("unet3d", "unet2d"):
-            conf["roi_size"] = ",".join(str(s) for s in meta["roi_size"])
-        if self.args.config == "unet2d":
-            conf["padding"] = spec.get("padding", "same")
-            conf["batch_norm"] = str(spec.get("batch_norm", False)).lower()
-        return conf
+        try:
+            meta = CheckpointMeta.from_dict(read_checkpoint(self.args.ckpt)[1])
+        except (MetaError, OSError, RuntimeError) as e:
+            raise CliError(f"--ckpt {self.args.ckpt}: {e}") from e
+        if meta.model != self.args.config:
+            raise CliError(f"--ckpt {self.args.ckpt} is a '{meta.model}' model, not '{self.args.config}'")
+        return conf_from_meta(self.args.config, meta)
+
+    def infer_task(self) -> Any:
+        """The config's inferer; with --ckpt it serves that file instead of the store's serving version."""
+        task = self.app().infer_task(self.args.config)
+        if self.args.ckpt:
+            task.serve_file(self.args.ckpt)
+        return task
 
     def app(self) -> Any:
         """The MONAI Label app on studies/ (built once)."""
@@ -176,11 +177,12 @@ def mode_plan(ws: Workspace) -> dict:
     """nnU-Net: fingerprint the labelled cases and write the plan; other configs: print their fixed settings."""
     args = ws.args
     cases = [c for c in ws.cases() if c.label]
-    if args.config.startswith("nnunet"):
-        trainer = ws.app()._trainers[args.config]
+    trainer = ws.app().train_task(args.config)
+    if hasattr(trainer, "make_plan"):  # self-configuring models plan from the data
         datalist = [{"image": c.image, "label": c.label} for c in cases]
         plan = trainer.make_plan(datalist, replan=True)
-        print(json.dumps({k: plan[k] for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides", "filters")}, indent=2))
+        print(json.dumps({k: getattr(plan, k) for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides", "filters")},
+                         indent=2))
         return {"plan": trainer.plan_path}
     info = ws.app().info()["trainers"][args.config]
     print(json.dumps(info.get("config", {}), indent=2, default=str))
@@ -199,7 +201,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 def train_request(args: argparse.Namespace) -> dict:
     """The /train request the flags describe."""
-    req: dict[str, Any] = {"model": args.config, "amp": bool(args.amp), "device": args.device, "world_size": args.world_size,
+    req: dict[str, Any] = {"model": args.config, "amp": args.amp, "device": args.device, "world_size": args.world_size,
                            "val_split": args.val_split, "split_seed": args.seed, "pretrained": bool(args.resume_training),
                            "resume": bool(args.resume_training),
                            "train_num_workers": args.num_workers, "val_num_workers": args.num_workers}
@@ -233,15 +235,18 @@ def mode_train(ws: Workspace) -> dict:
     return stats
 
 
-def _require_model(ws: Workspace) -> None:
-    if not os.path.exists(ws.checkpoint):
-        raise CliError(f"no model at {ws.checkpoint}: run 'main.py train' first or pass --ckpt")
+def _require_model(ws: Workspace) -> Any:
+    """The config's inferer, ready to serve (else the reason, e.g. no trained version: run 'main.py train' or pass --ckpt)."""
+    task = ws.infer_task()
+    if not task.is_valid():
+        raise CliError(task.not_ready_reason())
+    return task
 
 
 def infer_request(args: argparse.Namespace, image: Any) -> dict:
     """The /infer request the flags describe."""
     return {"model": args.config, "image": image, "tta": bool(args.tta), "overlap": args.overlap, "blend": args.blend,
-            "amp": bool(args.amp), "device": args.device}
+            "amp": args.amp, "device": args.device}
 
 
 def _predict_one(ws: Workspace, case: Case, out_dir: str) -> str:
@@ -266,7 +271,7 @@ def _overlay(ws: Workspace, case: Case, label_path: str) -> str:
     image = np.asarray(loader(case.image if isinstance(case.image, str) else case.image[0]))
     if image.ndim == np.asarray(loader(label_path)).ndim + 1:  # channels last (4D / RGB): show the first
         image = image[..., 0]
-    labels = dict(ws.app()._infers[ws.args.config].labels)
+    labels = dict(ws.app().infer_task(ws.args.config).labels)
     return plot_overlay(image, np.asarray(loader(label_path)), os.path.join(ws.results, "plots", f"{case.name}_overlay.png"), labels)
 
 
@@ -274,7 +279,7 @@ def mode_predict(ws: Workspace) -> dict:
     """Label files (original geometry) for every image of the test list (MSD) or images/ folder, with a progress bar."""
     from tqdm import tqdm
 
-    _require_model(ws)
+    task = _require_model(ws)
     try:
         cases = load_cases(ws.args.data, "test")
     except DatasetError:
@@ -282,7 +287,6 @@ def mode_predict(ws: Workspace) -> dict:
     out_dir = os.path.join(ws.results, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    task = ws.app()._infers[ws.args.config]
     for i, case in enumerate(tqdm(cases, desc="predict", unit="image")):
         written.append(_predict_one(ws, case, out_dir))
         if i == 0:
@@ -299,7 +303,7 @@ def _evaluation_cases(ws: Workspace) -> list[Case]:
     if not labelled:
         raise CliError(f"{ws.args.data}: no labelled cases to evaluate on")
     split = ws.args.split
-    split_file = os.path.join(ws.model_dir, f"{ws.args.config}_split.json")
+    split_file = ws.app().train_task(ws.args.config).paths.split
     if split in ("validation", "auto") and os.path.exists(split_file) and not ws.args.ckpt:
         with open(split_file, encoding="utf-8") as f:
             val = set(json.load(f)["validation"])
@@ -318,11 +322,10 @@ def mode_evaluate(ws: Workspace) -> dict:
 
     from .evaluation import evaluate_case, summarise, write_results
 
-    _require_model(ws)
+    task = _require_model(ws)
     cases = _evaluation_cases(ws)
-    labels = dict(ws.app()._infers[ws.args.config].labels)
-    label_map = {int(k): v for k, v in (ws.app()._infers[ws.args.config].load_network(__import__("torch").device("cpu"))[1]
-                                         .get("label_map") or {}).items()}
+    labels = dict(task.labels)
+    label_map = {int(k): v for k, v in task.load_network(torch.device("cpu"))[1].label_map.items()}
     pred_dir = os.path.join(ws.results, "predictions")
     os.makedirs(pred_dir, exist_ok=True)
     loader = LoadImage(image_only=True)
@@ -364,7 +367,7 @@ def mode_benchmark(ws: Workspace) -> dict:
     """Throughput and latency of the config's network (train step or prediction) per batch size and AMP setting."""
     from .benchmark import run_benchmark
 
-    task = ws.app()._infers[ws.args.config]
+    task = _require_model(ws)
     sizes = _batch_sizes(ws.args.batch_size or "1")
     result = run_benchmark(ws, task, ws.args.bench_mode, sizes, ws.args.warmup_steps, ws.args.bench_steps, ws.args.device)
     with open(os.path.join(ws.results, "benchmark.json"), "w", encoding="utf-8") as f:
@@ -377,16 +380,49 @@ def mode_export(ws: Workspace) -> dict:
     """TorchScript and ONNX files of the served network, each checked against PyTorch."""
     from .export import export_model
 
-    _require_model(ws)
-    task = ws.app()._infers[ws.args.config]
+    task = _require_model(ws)
     formats = [f.strip() for f in ws.args.formats.split(",") if f.strip()]
     result = export_model(task, os.path.join(ws.results, "export"), formats, ws.args.tolerance)
     print(json.dumps(result, indent=2))
     return result
 
 
+def mode_models(ws: Workspace) -> dict:
+    """``models list|promote|rollback|pin|unpin [VERSION]``: the versions of the config's model and which one serves.
+
+    Acts on the model dir's store directly (``--model_dir`` for a server's): a running server
+    serves the switched version from its next request, without a restart.
+    """
+    from .modelstore import StoreError
+
+    action, version = ws.args.action or "list", ws.args.version
+    if action not in MODEL_ACTIONS:
+        raise CliError(f"models: expected one of {', '.join(MODEL_ACTIONS)}, got {action!r}")
+    if action in ("promote", "pin", "unpin") and not version:
+        raise CliError(f"models {action}: give the version id, e.g. 'models {action} v2' (see 'models list')")
+    store = ws.app().model_store(ws.args.config)
+    try:
+        if action == "promote":
+            store.promote(version, "promoted by hand (main.py models promote)")
+        elif action == "rollback":
+            store.rollback()
+        elif action in ("pin", "unpin"):
+            store.pin(version, action == "pin")
+    except StoreError as e:
+        raise CliError(str(e)) from e
+    rows = store.describe()
+    print("| version | state | created | val Dice | cases | source | pinned | reason |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        dice = "n/a" if r["val_mean_dice"] is None else f"{r['val_mean_dice']:.4f}"
+        print(f"| {r['id']} | {r['state']} | {r['created']} | {dice} | {r['val_cases']} | {r['source']} | "
+              f"{'yes' if r['pinned'] else ''} | {r['reason']} |")
+    serving = store.serving()
+    return {"serving": serving.id if serving else None, "versions": rows}
+
+
 HANDLERS = {"plan": mode_plan, "train": mode_train, "evaluate": mode_evaluate, "predict": mode_predict,
-            "benchmark": mode_benchmark, "export": mode_export}
+            "benchmark": mode_benchmark, "export": mode_export, "models": mode_models}
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -398,6 +434,8 @@ def run(argv: list[str] | None = None) -> int:
         parser.error("give a mode (plan, train, evaluate, predict, benchmark, export) or --exec_mode")
     if args.mode and args.exec_mode and args.mode != args.exec_mode:
         parser.error(f"mode {args.mode!r} and --exec_mode {args.exec_mode!r} disagree")
+    if mode != "models" and (args.action or args.version):
+        parser.error(f"unexpected argument {args.action!r} after mode {mode!r}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)5s](%(name)s) - %(message)s")
     try:
         ws = Workspace(args)

@@ -23,11 +23,11 @@ def export_model(task: Any, out_dir: str, formats: list[str], tolerance: float) 
     device = torch.device("cpu")
     net, meta = task.load_network(device)
     net = net.eval()
-    x = torch.randn(1, int(meta["in_channels"]), *meta["roi_size"])
+    x = torch.randn(1, meta.in_channels, *meta.roi_size)
     with torch.no_grad():
         ref = net(x).float().numpy()
     os.makedirs(out_dir, exist_ok=True)
-    result: dict[str, Any] = {"model": task.model_name, "version": meta.get("version"), "input_shape": list(x.shape),
+    result: dict[str, Any] = {"model": task.model_name, "version": meta.version, "input_shape": list(x.shape),
                               "tolerance": tolerance, "exports": {}}
     if "torchscript" in formats:
         path = os.path.join(out_dir, f"{task.model_name}.ts")

@@ -59,6 +59,10 @@ class UNet3DSpec:
         """Spatial sizes must be multiples of this (one factor 2 per down-sampling)."""
         return 2 ** (self.levels - 1)
 
+    def build(self) -> torch.nn.Module:
+        """The network this spec describes."""
+        return build_unet3d(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
         return asdict(self)
@@ -121,6 +125,10 @@ class DynUNetSpec:
     deep_supervision: bool = True
     deep_supr_num: int = 1
     dropout: float = 0.0
+
+    def build(self) -> torch.nn.Module:
+        """The network this spec describes."""
+        return build_dynunet(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -209,6 +217,10 @@ class UNet2DSpec:
     def divisor(self) -> int:
         """Window sizes must be multiples of this (one factor 2 per pooling)."""
         return 2**self.depth
+
+    def build(self) -> torch.nn.Module:
+        """The network this spec describes."""
+        return build_unet2d(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

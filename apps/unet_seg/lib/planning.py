@@ -11,9 +11,11 @@ This module is what makes the ``nnunet`` model family "self-configuring". It has
    planner, ``PlainConvUNet``, 8 GB reference budget) so that the same dataset gives the same
    configuration; they are re-implemented here in plain numpy (no torch, no nnU-Net install).
 
-Both results are plain JSON-serialisable dicts; :func:`save_json` (atomic) and :func:`load_json`
-store them beside the model. The keys ``strides``, ``kernel_sizes`` and ``filters`` of a plan are
-named after the arguments of MONAI's ``DynUNet`` so that ``networks.py`` can pass them straight on.
+The fingerprint is a plain JSON-serialisable dict; the plan is a typed :class:`Plan` whose JSON form
+(:meth:`Plan.to_dict`) carries a schema ``version`` (:data:`PLAN_VERSION`). :func:`save_plan` /
+:func:`load_plan` (and :func:`save_json` (atomic) / :func:`load_json` for any JSON) store them beside
+the model. The fields ``strides``, ``kernel_sizes`` and ``filters`` of a plan are named after the
+arguments of MONAI's ``DynUNet`` so that ``networks.py`` can pass them straight on.
 
 Axis order: everything is in the order of the array axes as nibabel returns them (``x, y, z`` for
 a canonical NIfTI), which is the order MONAI transforms use. nnU-Net reads through SimpleITK and
@@ -28,7 +30,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,9 @@ PERCENTILES = (0.5, 50.0, 99.5)
 
 
 def to_builtin(obj: Any) -> Any:
-    """Recursively convert numpy scalars/arrays, tuples and paths into plain JSON types."""
+    """Recursively convert numpy scalars/arrays, tuples, paths and plans into plain JSON types."""
+    if isinstance(obj, Plan):
+        return obj.to_dict()
     if isinstance(obj, Mapping):
         return {str(k): to_builtin(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -504,6 +508,131 @@ def estimate_feature_map_voxels(
 # --------------------------------------------------------------------------------------------------
 
 
+PLAN_VERSION = 1
+"""Schema version of :class:`Plan`'s JSON form. Plans saved before the field existed have version 1's layout."""
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """An nnU-Net training plan (what :func:`plan_from_fingerprint` decides), in the array axis order.
+
+    The fields without a default are required in :meth:`from_dict`; the others describe how the plan
+    was reached (shown in ``/info`` and the plan file) and may be absent from older or trimmed copies
+    (checkpoint metas drop ``fingerprint_summary``).
+    """
+
+    dims: int
+    """2 or 3: the network's spatial dimensions."""
+    axes: list[int] = field(default_factory=list)
+    """Array axes the network sees (all three in 3D; the in-plane pair in 2D)."""
+    slice_axis: int | None = None
+    """2D: the array axis volumes are cut along; ``None`` in 3D."""
+    target_spacing: list[float]
+    """Voxel size (mm) per array axis that studies are resampled to."""
+    spacing: list[float] = field(default_factory=list)
+    """``target_spacing`` on ``axes``."""
+    median_shape: list[float] = field(default_factory=list)
+    """Median shape after cropping and resampling, on ``axes``."""
+    median_shape_3d: list[float] = field(default_factory=list)
+    """Median shape after cropping and resampling, all three axes."""
+    patch_size: list[int]
+    """Training patch and inference window (on ``axes``)."""
+    batch_size: int
+    """Patches per batch (all processes together)."""
+    strides: list[list[int]]
+    """Per stage, per axis down-sampling factor (first stage all 1); DynUNet's ``strides``."""
+    kernel_sizes: list[list[int]]
+    """Per stage, per axis conv kernel; DynUNet's ``kernel_size``."""
+    filters: list[int]
+    """Per stage feature channels; DynUNet's ``filters``."""
+    num_stages: int = 0
+    """Number of resolution stages (``len(filters)``)."""
+    num_pool_per_axis: list[int] = field(default_factory=list)
+    """Poolings per axis."""
+    divisible_by: list[int] = field(default_factory=list)
+    """``2 ** num_pool_per_axis``: window sizes must be multiples of it."""
+    convs_per_stage: int = 2
+    """Convolutions per stage."""
+    in_channels: int
+    """Input channels the plan was made for."""
+    labels: list[int] = field(default_factory=list)
+    """Label values seen in the fingerprint (background 0 included)."""
+    num_classes: int = 0
+    """``len(labels)``."""
+    normalization: list[dict[str, Any]]
+    """Per-channel intensity normalisation (see :func:`normalisation_for`)."""
+    memory: dict[str, Any] = field(default_factory=dict)
+    """How patch and batch were sized: budget, feature-map estimate, batch before/after the 5 % cap."""
+    fingerprint_summary: dict[str, Any] | None = None
+    """Dataset summary the plan was made from (not stored in checkpoints)."""
+    version: int = PLAN_VERSION
+    """Schema version (:data:`PLAN_VERSION`)."""
+
+    def to_dict(self, fingerprint_summary: bool = True) -> dict[str, Any]:
+        """Plain JSON form, ``version`` first; ``fingerprint_summary=False`` (or none held) leaves the summary out."""
+        out: dict[str, Any] = {"version": self.version}
+        for f in fields(self):
+            if f.name == "version" or (f.name == "fingerprint_summary" and (not fingerprint_summary or self.fingerprint_summary is None)):
+                continue
+            out[f.name] = getattr(self, f.name)
+        return to_builtin(out)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """A plan from its JSON form (also one saved before ``version`` existed); unknown keys are ignored.
+
+        Raises :class:`PlanningError` (a ``ValueError``) for a newer schema version, missing required
+        keys or an inconsistent topology.
+        """
+        if not isinstance(data, Mapping):
+            raise PlanningError(f"plan: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", PLAN_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise PlanningError(f"plan: 'version' must be a positive integer, got {version!r}")
+        if version > PLAN_VERSION:
+            raise PlanningError(f"plan: version {version} is newer than this code understands ({PLAN_VERSION}); "
+                                "update unet_seg or plan again (replan: true)")
+        known = {f.name: f for f in fields(cls)}
+        required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise PlanningError(f"plan: missing required key(s) {', '.join(missing)}")
+        values = {k: v for k, v in data.items() if k in known and k != "version"}
+        plan = cls(**to_builtin(values))
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """Check the fields agree with each other (dims, per-stage lists, slice axis)."""
+        if self.dims not in (2, 3):
+            raise PlanningError(f"plan: dims must be 2 or 3, got {self.dims!r}")
+        if len(self.patch_size) != self.dims or len(self.target_spacing) != 3:
+            raise PlanningError(f"plan: patch_size {self.patch_size} must have {self.dims} sizes and target_spacing "
+                                f"{self.target_spacing} three")
+        if not (len(self.strides) == len(self.kernel_sizes) == len(self.filters)) or not self.filters:
+            raise PlanningError(f"plan: {len(self.strides)} strides, {len(self.kernel_sizes)} kernel sizes and "
+                                f"{len(self.filters)} filters; one of each per stage is needed")
+        if self.dims == 2 and self.slice_axis not in (0, 1, 2):
+            raise PlanningError(f"plan: a 2D plan needs slice_axis 0, 1 or 2, got {self.slice_axis!r}")
+        if int(self.in_channels) < 1 or len(self.normalization) != int(self.in_channels):
+            raise PlanningError(f"plan: {len(self.normalization)} normalisation scheme(s) for in_channels {self.in_channels}")
+
+
+def save_plan(plan: Plan, path: PathLike) -> Path:
+    """Write a plan's JSON form atomically."""
+    return save_json(plan.to_dict(), path)
+
+
+def load_plan(path: PathLike) -> Plan:
+    """Read a plan file (any version up to :data:`PLAN_VERSION`); errors name the file."""
+    try:
+        return Plan.from_dict(load_json(path))
+    except PlanningError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise PlanningError(f"{path}: {e}") from e
+
+
 def _require(fp: Mapping[str, Any], key: str) -> Any:
     if key not in fp:
         raise PlanningError(f"fingerprint: missing field '{key}'")
@@ -612,8 +741,8 @@ def plan_from_fingerprint(
     slice_axis: int | None = None,
     target_spacing_override: Sequence[float] | None = None,
     settings: PlannerSettings = DEFAULT_SETTINGS,
-) -> dict:
-    """A 2D or 3D U-Net plan from a fingerprint, following nnU-Net v2's ``ExperimentPlanner``.
+) -> Plan:
+    """A 2D or 3D U-Net :class:`Plan` from a fingerprint, following nnU-Net v2's ``ExperimentPlanner``.
 
     ``gpu_memory_gb`` is the memory budget (the nnunet config's ``memory budget`` conf value);
     the reference (8 GB) numbers scale linearly with it. Steps:
@@ -676,6 +805,7 @@ def plan_from_fingerprint(
 
     props = fp.get("foreground_intensity_properties_per_channel")
     plan = {
+        "version": PLAN_VERSION,
         "dims": dims,
         "axes": axes,
         "slice_axis": cut,
@@ -714,4 +844,4 @@ def plan_from_fingerprint(
             "foreground_intensity_properties_per_channel": props,
         },
     }
-    return to_builtin(plan)
+    return Plan.from_dict(to_builtin(plan))

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import json
 import inspect
+import os
+from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
+
+from ..checkpoints import CheckpointMeta, MetaError
+from ..conf import AppConf, ConfError
+from ..modelstore import ModelStore
 
 # Config names the app knows, in the order /info lists them. A name maps to lib/configs/<name>.py.
 CONFIG_NAMES: tuple[str, ...] = ("unet2d", "unet3d", "nnunet", "nnunet2d")
@@ -20,3 +27,31 @@ def load_config_class(name: str) -> type[TaskConfig]:
         if issubclass(cls, TaskConfig) and cls is not TaskConfig and cls.__module__ == module.__name__:
             return cls
     raise ImportError(f"lib/configs/{name}.py defines no TaskConfig subclass")
+
+
+def lifecycle(conf: dict[str, str], name: str, model_dir: str, pretrained: str | None) -> tuple[ModelStore, dict[str, Any]]:
+    """The model's store (legacy files and the ``pretrained`` file imported) and the trainer's promotion settings.
+
+    Conf keys (plain or ``<model>.``-prefixed): ``keep_versions`` (5), ``promotion``
+    (gate / always / never; default gate) and ``promotion_margin`` (0.01).
+    """
+    c = AppConf(conf)
+    store = ModelStore(model_dir, name, keep=c.int("keep_versions", 5, model=name, minimum=1))
+    store.import_legacy()
+    if pretrained and os.path.exists(pretrained) and store.serving() is None:
+        try:
+            store.import_file(pretrained, source="imported", serve=True)
+        except (MetaError, OSError, RuntimeError) as e:
+            raise ConfError(f"{name}.pretrained {os.path.basename(pretrained)}: {e}") from e
+    promotion = {"promotion": c.str("promotion", "gate", model=name).lower(),
+                 "promotion_margin": c.float("promotion_margin", 0.01, model=name)}
+    return store, promotion
+
+
+def conf_from_meta(name: str, meta: CheckpointMeta) -> dict[str, str]:
+    """Conf that makes config ``name`` match a model file: labels and channels, plus what the config adds."""
+    conf = {"labels": json.dumps(meta.labels), "modalities": str(meta.in_channels)}
+    own = getattr(load_config_class(name), "conf_from_meta", None)
+    if own is not None:
+        conf.update(own(meta))
+    return conf

@@ -20,51 +20,56 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
+from . import lifecycle
 from ..conf import AppConf, ConfError, parse_modalities
+from ..recipes import NNUNET, NnUNetRecipe
 from ..infers.nnunet import NnUNetInfer
 from ..trainers.nnunet import NnUNetTrain, planner_settings
 
-SCHEDULES = {"fast": (50, 50), "nnunet": (1000, 250)}
+SCHEDULES = NNUNET.schedules()
 
 
 class NnUNet(TaskConfig):
     """TaskConfig registering the nnU-Net inferer and trainer (3D; the 2D config subclasses it)."""
 
-    dims = 3
+    recipe: NnUNetRecipe = NNUNET
+    dims = NNUNET.dims
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
-        c = AppConf(conf)
-        self.labels = c.labels("anterior,posterior", model=name)
-        self.modalities = parse_modalities(c.get("modalities", "1", model=name))
-        kinds = [k.strip().upper() for k in c.str("modality", "MRI", model=name).split(",") if k.strip()]
+        c, r = AppConf(conf), self.recipe
+        self.labels = c.labels(r.labels, model=name)
+        self.modalities = parse_modalities(c.get("modalities", r.modalities, model=name))
+        kinds = [k.strip().upper() for k in c.str("modality", r.modality, model=name).split(",") if k.strip()]
         if len(kinds) == 1:
             kinds = kinds * len(self.modalities)
         if len(kinds) != len(self.modalities) or any(k not in ("CT", "MRI", "MR", "OTHER") for k in kinds):
             raise ConfError(f"{name}.modality: give CT or MRI, once or per channel ({len(self.modalities)}), got {kinds}")
         self.kinds = ["MRI" if k == "MR" else k for k in kinds]
-        schedule = c.str("schedule", "fast", model=name)
-        if schedule not in SCHEDULES:
-            raise ConfError(f"{name}.schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
-        epochs, iters = SCHEDULES[schedule]
+        schedule = c.str("schedule", r.schedule, model=name)
+        schedules = r.schedules()
+        if schedule not in schedules:
+            raise ConfError(f"{name}.schedule: expected one of {sorted(schedules)}, got {schedule!r}")
+        epochs, iters = schedules[schedule]
         self.max_epochs = c.int("max_epochs", epochs, model=name, minimum=1)
         self.iterations = c.int("iterations_per_epoch", iters, model=name, minimum=1)
         self.dropout = c.dropout(model=name)
-        self.gpu_memory_gb = c.float("gpu_memory_gb", 8.0, model=name)
+        self.gpu_memory_gb = c.float("gpu_memory_gb", r.gpu_memory_gb, model=name)
         self.settings = planner_settings(
-            base_filters=c.int("base_filters", 0, model=name) or None,
-            max_filters=c.int("max_filters", 0, model=name) or None,
-            max_patch_voxels=c.int("max_patch_voxels", 0, model=name) or None,
+            base_filters=c.int("base_filters", r.base_filters, model=name) or None,
+            max_filters=c.int("max_filters", r.max_filters, model=name) or None,
+            max_patch_voxels=c.int("max_patch_voxels", r.max_patch_voxels, model=name) or None,
             dims=self.dims,
         )
         pretrained = c.get("pretrained", None, model=name)
         self.pretrained = os.path.abspath(pretrained) if pretrained else None
-        self.tracking = c.str("tracking", "mlflow", model=name)
-        self.cache_mb = c.int("cache_mb", 2048, model=name, minimum=0)
+        self.tracking = c.str("tracking", r.tracking, model=name)
+        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
+        self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "model_dir": self.model_dir, "labels": self.labels,
-                "pretrained_path": self.pretrained, "modality_names": self.modalities, "dims": self.dims}
+        return {"model_name": self.name, "store": self.store, "labels": self.labels,
+                "modality_names": self.modalities, "dims": self.dims}
 
     def infer(self) -> NnUNetInfer:
         return NnUNetInfer(in_channels=len(self.modalities), roi_size=[0] * self.dims,
@@ -72,6 +77,6 @@ class NnUNet(TaskConfig):
 
     def trainer(self) -> NnUNetTrain:
         return NnUNetTrain(modality_kinds=self.kinds, gpu_memory_gb=self.gpu_memory_gb, settings=self.settings,
-                           iterations_per_epoch=self.iterations, dropout=self.dropout, tracking=self.tracking, cache_mb=self.cache_mb,
+                           iterations_per_epoch=self.iterations, dropout=self.dropout, tracking=self.tracking, cache_mb=self.cache_mb, **self.promotion,
                            description=f"Train nnU-Net {self.dims}D from a plan of the labelled studies",
                            config={"max_epochs": self.max_epochs}, **self._common())

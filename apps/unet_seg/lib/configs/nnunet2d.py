@@ -5,10 +5,12 @@ Conf keys as for ``nnunet`` (prefix ``nnunet2d.`` to set them for this model onl
 
 from __future__ import annotations
 
+from ..recipes import NNUNET_2D, NnUNetRecipe
 from .nnunet import NnUNet
 
 
 class NnUNet2D(NnUNet):
     """TaskConfig registering the 2D nnU-Net inferer and trainer."""
 
-    dims = 2
+    recipe: NnUNetRecipe = NNUNET_2D
+    dims = NNUNET_2D.dims

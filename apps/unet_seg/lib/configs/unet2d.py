@@ -25,53 +25,61 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
+from . import lifecycle
 from ..conf import AppConf, ConfError, parse_label_map, parse_modalities
+from ..recipes import UNET2D
 from ..infers.unet2d import UNet2DInfer
-from ..networks import UNet2DSpec
+from ..checkpoints import CheckpointMeta
+from ..networks import UNET2D_PRESETS, UNet2DSpec, preset_name
 from ..trainers.unet2d import UNet2DTrain
 
 
 class UNet2D(TaskConfig):
-    """TaskConfig registering the UNet2D inferer and trainer."""
+    """TaskConfig registering the UNet2D inferer and trainer (defaults: ``lib.recipes.UNet2DRecipe``)."""
+
+    recipe = UNET2D
+
+    dims = 2
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
-        c = AppConf(conf)
-        self.labels = c.labels("cell", model=name)
-        self.label_map = parse_label_map(c.get("label_map", "255:1", model=name), f"{name}.label_map")
+        c, r = AppConf(conf), self.recipe
+        self.labels = c.labels(r.labels, model=name)
+        self.label_map = parse_label_map(c.get("label_map", r.label_map, model=name), f"{name}.label_map")
         unknown = sorted(set(self.label_map.values()) - {0, *self.labels.values()})
         if unknown:
             raise ConfError(f"{name}.label_map maps to {unknown}, which are not label values {sorted(self.labels.values())}")
-        self.modalities = parse_modalities(c.get("modalities", "1", model=name))
-        self.preset = c.str("preset", "full", model=name)
+        self.modalities = parse_modalities(c.get("modalities", r.modalities, model=name))
+        self.preset = c.str("preset", r.preset, model=name)
         try:
             self.spec = UNet2DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1,
-                                               padding=c.str("padding", "same", model=name),
-                                               batch_norm=c.bool("batch_norm", False, model=name),
+                                               padding=c.str("padding", r.padding, model=name),
+                                               batch_norm=c.bool("batch_norm", r.batch_norm, model=name),
                                                dropout=c.dropout(model=name))
         except ValueError as e:
             raise ConfError(f"{name}: {e}") from e
-        self.roi_size = c.size("roi_size", "256", 2, model=name)
+        self.roi_size = c.size("roi_size", r.roi_size, 2, model=name)
         if any(s % self.spec.divisor for s in self.roi_size):
             raise ConfError(f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} for preset {self.preset!r}")
-        self.slice_axis = c.int("slice_axis", 2, model=name, minimum=0)
+        self.slice_axis = c.int("slice_axis", r.slice_axis, model=name, minimum=0)
         if self.slice_axis > 2:
             raise ConfError(f"{name}.slice_axis must be 0, 1 or 2, got {self.slice_axis}")
         pretrained = c.get("pretrained", None, model=name)
         self.pretrained = os.path.abspath(pretrained) if pretrained else None
-        self.tracking = c.str("tracking", "mlflow", model=name)
+        self.tracking = c.str("tracking", r.tracking, model=name)
+        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
         self.train_defaults = {
-            "max_epochs": c.int("max_epochs", 50, model=name, minimum=1),
-            "learning_rate": c.float("learning_rate", 0.0, model=name),  # 0: adam 1e-4, sgd 0.01
-            "train_batch_size": c.int("train_batch_size", 4, model=name, minimum=1),
-            "optimizer": c.str("optimizer", "adam", model=name),
-            "loss": c.str("loss", "ce_dice", model=name),
+            "max_epochs": c.int("max_epochs", r.max_epochs, model=name, minimum=1),
+            "learning_rate": c.float("learning_rate", r.learning_rate, model=name),  # 0: the optimizer's own
+            "train_batch_size": c.int("train_batch_size", r.train_batch_size, model=name, minimum=1),
+            "optimizer": c.str("optimizer", r.optimizer, model=name),
+            "loss": c.str("loss", r.loss, model=name),
         }
-        self.cache_mb = c.int("cache_mb", 2048, model=name, minimum=0)
+        self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "model_dir": self.model_dir, "labels": self.labels,
-                "pretrained_path": self.pretrained, "modality_names": self.modalities}
+        return {"model_name": self.name, "store": self.store, "labels": self.labels,
+                "modality_names": self.modalities}
 
     def infer(self) -> UNet2DInfer:
         return UNet2DInfer(in_channels=len(self.modalities), roi_size=self.roi_size,
@@ -81,5 +89,15 @@ class UNet2D(TaskConfig):
 
     def trainer(self) -> UNet2DTrain:
         return UNet2DTrain(spec=self.spec, roi_size=self.roi_size, slice_axis=self.slice_axis, label_map=self.label_map,
-                           tracking=self.tracking, cache_mb=self.cache_mb, description=f"Train 2D U-Net (preset {self.preset})",
+                           tracking=self.tracking, cache_mb=self.cache_mb, **self.promotion, description=f"Train 2D U-Net (preset {self.preset})",
                            config=self.train_defaults, **self._common())
+
+    @staticmethod
+    def conf_from_meta(meta: CheckpointMeta) -> dict[str, str]:
+        """Conf that makes this config match a model file (the command line's ``--ckpt``): preset, window, padding."""
+        conf = {"roi_size": ",".join(str(s) for s in meta.roi_size), "padding": str(meta.spec.get("padding", "same")),
+                "batch_norm": str(meta.spec.get("batch_norm", False)).lower()}
+        preset = preset_name(meta.spec, UNET2D_PRESETS)
+        if preset:
+            conf["preset"] = preset
+        return conf

@@ -21,48 +21,56 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
+from . import lifecycle
 from ..conf import AppConf, parse_modalities
+from ..recipes import UNET3D
 from ..infers.unet3d import UNet3DInfer
-from ..networks import UNet3DSpec
+from ..checkpoints import CheckpointMeta
+from ..networks import UNET3D_PRESETS, UNet3DSpec, preset_name
 from ..trainers.unet3d import UNet3DTrain
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LABELS = "anterior,posterior"
+DEFAULT_LABELS = UNET3D.labels
 
 
 class UNet3D(TaskConfig):
-    """TaskConfig registering the UNet3D inferer and trainer."""
+    """TaskConfig registering the UNet3D inferer and trainer (defaults: ``lib.recipes.UNet3DRecipe``)."""
+
+    recipe = UNET3D
+
+    dims = 3
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
-        c = AppConf(conf)
-        self.labels = c.labels(DEFAULT_LABELS, model=name)
-        self.modalities = parse_modalities(c.get("modalities", "1", model=name))
-        self.preset = c.str("preset", "full", model=name)
+        c, r = AppConf(conf), self.recipe
+        self.labels = c.labels(r.labels, model=name)
+        self.modalities = parse_modalities(c.get("modalities", r.modalities, model=name))
+        self.preset = c.str("preset", r.preset, model=name)
         self.spec = UNet3DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1)
         self.spec.dropout = c.dropout(model=name)
-        self.roi_size = c.size("roi_size", "128", 3, model=name)
+        self.roi_size = c.size("roi_size", r.roi_size, 3, model=name)
         bad = [s for s in self.roi_size if s % self.spec.divisor]
         if bad:
             raise ValueError(f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} for preset {self.preset!r}")
-        orientation = c.str("orientation", "RAS", model=name)
+        orientation = c.str("orientation", r.orientation, model=name)
         self.orientation = None if orientation.lower() in ("none", "") else orientation
         pretrained = c.get("pretrained", None, model=name)
         self.pretrained = os.path.abspath(pretrained) if pretrained else None
         if self.pretrained and not os.path.exists(self.pretrained):
             logger.warning(f"{name}.pretrained {self.pretrained} does not exist; the model stays not ready until trained")
-        self.tracking = c.str("tracking", "mlflow", model=name)
+        self.tracking = c.str("tracking", r.tracking, model=name)
+        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
         self.train_defaults = {
-            "max_epochs": c.int("max_epochs", 50, model=name, minimum=1),
-            "learning_rate": c.float("learning_rate", 2e-4, model=name),
-            "train_batch_size": c.int("train_batch_size", 2, model=name, minimum=1),
+            "max_epochs": c.int("max_epochs", r.max_epochs, model=name, minimum=1),
+            "learning_rate": c.float("learning_rate", r.learning_rate, model=name),
+            "train_batch_size": c.int("train_batch_size", r.train_batch_size, model=name, minimum=1),
         }
-        self.cache_mb = c.int("cache_mb", 2048, model=name, minimum=0)
+        self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "model_dir": self.model_dir, "labels": self.labels,
-                "pretrained_path": self.pretrained, "modality_names": self.modalities, "orientation": self.orientation}
+        return {"model_name": self.name, "store": self.store, "labels": self.labels,
+                "modality_names": self.modalities, "orientation": self.orientation}
 
     def infer(self) -> UNet3DInfer:
         return UNet3DInfer(in_channels=len(self.modalities), roi_size=self.roi_size,
@@ -70,6 +78,15 @@ class UNet3D(TaskConfig):
                            **self._common())
 
     def trainer(self) -> UNet3DTrain:
-        return UNet3DTrain(spec=self.spec, roi_size=self.roi_size, tracking=self.tracking, cache_mb=self.cache_mb,
+        return UNet3DTrain(spec=self.spec, roi_size=self.roi_size, tracking=self.tracking, cache_mb=self.cache_mb, **self.promotion,
                            description=f"Train 3D U-Net (preset {self.preset})", config=self.train_defaults,
                            **self._common())
+
+    @staticmethod
+    def conf_from_meta(meta: CheckpointMeta) -> dict[str, str]:
+        """Conf that makes this config match a model file (the command line's ``--ckpt``): preset and window."""
+        conf = {"roi_size": ",".join(str(s) for s in meta.roi_size)}
+        preset = preset_name(meta.spec, UNET3D_PRESETS)
+        if preset:
+            conf["preset"] = preset
+        return conf

@@ -1,10 +1,12 @@
 """Inferer base shared by every model: honest readiness, the shared engine, original geometry out.
 
-* ``is_valid()`` is True only when a published (or configured pretrained) checkpoint exists
-  whose meta matches the model's labels and channels; otherwise ``not_ready_reason()`` says
-  why, /info lists the model under ``models_not_ready`` and /infer answers 409.
-* The network is rebuilt from the checkpoint's meta and reloaded when the file changes
-  (a retrain publishes a new version; the next request serves it).
+* The model store (``lib.modelstore``) says which version serves. ``is_valid()`` is True only
+  when a version serves whose meta matches the model's labels and channels; otherwise
+  ``not_ready_reason()`` says why, /info lists the model under ``models_not_ready`` and
+  /infer answers 409.
+* The network is rebuilt from the version's meta (``spec_class``) and cached by file; a
+  promotion, a rollback or a better epoch of the first model's training serves from the next
+  request on, and every reply names the version that answered (``model_version``).
 * Inference goes through ``lib.inference.predict_volume`` (sliding window, Gaussian
   blending, ``tta`` flips, ``amp``), then argmax, then MONAI's inverse of the invertible
   pre-transforms so the label has the request image's exact shape and affine, with values
@@ -13,11 +15,10 @@
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 import logging
 import os
 import threading
-from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,9 +29,10 @@ from monai.transforms import Compose, Invertd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from ..checkpoints import incompatibility, read_checkpoint, read_meta
+from ..checkpoints import CheckpointMeta, incompatibility, read_checkpoint
 from ..conf import ConfError, parse_bool, parse_float, parse_int, parse_size
 from ..inference import entropy, largest_component, predict_volume
+from ..modelstore import ModelStore
 from ..runtime import resolve_amp, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -43,22 +45,24 @@ class ModelNotReady(RuntimeError):
 class SegInferTask(BasicInferTask):
     """Shared segmentation inferer (see module docstring)."""
 
-    def __init__(self, *, model_name: str, model_dir: str, labels: Mapping[str, int], spatial_dims: int,
+    #: the network spec class of this model (``from_dict(spec).build()`` makes the network)
+    spec_class: Any = None
+
+    def __init__(self, *, model_name: str, store: ModelStore, labels: Mapping[str, int], spatial_dims: int,
                  in_channels: int, roi_size: Sequence[int], description: str,
-                 pretrained_path: str | None = None, config: Mapping[str, Any] | None = None,
-                 network_dims: int | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, network_dims: int | None = None) -> None:
         self.model_name = model_name
+        self.store = store
         self.network_dims = network_dims or spatial_dims
-        self.published_path = os.path.join(model_dir, f"{model_name}.pt")
-        self.pretrained_path = pretrained_path
         self.in_channels = in_channels
+        self._file: str | None = None  # serve this file instead of the store (main.py --ckpt)
         self._lock = threading.Lock()
         self._mc_lock = threading.Lock()
-        self._loaded: dict[str, tuple[tuple[str, float], torch.nn.Module, dict]] = {}
+        self._loaded: dict[str, tuple[tuple[str, int], torch.nn.Module, CheckpointMeta]] = {}
         cfg = {"tta": False, "overlap": 0.5, "amp": True, "sw_batch_size": 1, "device": "auto"}
         cfg.update(config or {})
         super().__init__(
-            path=[p for p in (pretrained_path, self.published_path) if p],
+            path=[],
             network=None,
             type=InferType.SEGMENTATION,
             labels=dict(labels),
@@ -70,48 +74,49 @@ class SegInferTask(BasicInferTask):
 
     # ---- readiness --------------------------------------------------------------------------
     def expected_meta(self) -> dict[str, Any]:
-        """What a checkpoint must match to be served."""
-        return {"model": self.model_name, "labels": dict(self.labels), "in_channels": self.in_channels, "spatial_dims": self.network_dims}
+        """What a version must match to be served."""
+        return {"labels": dict(self.labels), "in_channels": self.in_channels, "spatial_dims": self.network_dims}
 
-    def _usable(self) -> tuple[list[tuple[str, dict]], list[str]]:
-        """Usable checkpoints in serving order (trained model, fold models, pretrained) and why others are not."""
-        folds = sorted(glob.glob(os.path.join(os.path.dirname(self.published_path), f"{self.model_name}_fold*.pt")))
-        usable, reasons = [], []
-        for path in (self.published_path, *folds, self.pretrained_path):
-            if not path:
-                continue
-            if not os.path.exists(path):
-                if path == self.published_path and not folds:
-                    reasons.append(f"{os.path.basename(path)} does not exist")
-                continue
-            try:
-                meta = read_meta(path)
-            except Exception as e:
-                reasons.append(f"{path} cannot be read ({e})")
-                continue
-            reason = incompatibility(meta, self.expected_meta())
-            if reason is None:
-                usable.append((path, meta))
-            else:
-                reasons.append(f"{path}: {reason}")
-        return usable, reasons
+    def serve_file(self, path: str) -> None:
+        """Serve one model file instead of the store's serving version (the command line's ``--ckpt``)."""
+        self._file = os.path.abspath(path)
+        self.clear_cache()
 
-    def _candidate(self) -> tuple[str | None, dict, str | None]:
-        """(path, meta, reason): the checkpoint that serves, or the reason none is usable."""
-        usable, reasons = self._usable()
-        if usable:
-            return usable[0][0], usable[0][1], None
-        return None, {}, "; ".join(reasons) or "no checkpoint configured"
+    @staticmethod
+    def _meta_of(path: str) -> CheckpointMeta:
+        return CheckpointMeta.from_dict(read_checkpoint(path)[1])
 
-    def ensemble_members(self) -> list[tuple[str, dict]]:
-        """Trained checkpoints (main and folds) that share the serving one's geometry, for ensembling."""
-        usable, _ = self._usable()
-        if not usable:
+    def _candidate(self) -> tuple[str | None, CheckpointMeta | None, str | None]:
+        """(file, meta, reason): what serves the next request, or why nothing can."""
+        if self._file:
+            path, label = self._file, os.path.basename(self._file)
+        else:
+            rec = self.store.serving()
+            if rec is None:
+                return None, None, "no version serves yet"
+            path, label = self.store.path(rec.id), rec.id
+        try:
+            meta = self._meta_of(path) if self._file else self.store.meta(label)
+        except Exception as e:
+            return None, None, f"{label} cannot be read ({e})"
+        reason = incompatibility(meta, self.expected_meta())
+        if reason is not None:
+            return None, None, f"{label}: {reason} (promote a version that fits, or train one)"
+        return path, meta, None
+
+    def ensemble_members(self) -> list[str]:
+        """Files of the serving version and the newest version of each fold that share its window, for ensembling."""
+        path, meta, _ = self._candidate()
+        if path is None or meta is None:
             return []
-        first = usable[0][1]
-        same = ("roi_size", "slice_axis", "plan")
-        trained = [(p, m) for p, m in usable if p != self.pretrained_path] or usable[:1]
-        return [(p, m) for p, m in trained if all(m.get(k) == first.get(k) for k in same)]
+        members = [path]
+        for rec in self.store.latest_per_fold().values():
+            other = self.store.meta(rec.id)
+            same = (other.roi_size, other.slice_axis, other.plan) == (meta.roi_size, meta.slice_axis, meta.plan)
+            p = self.store.path(rec.id)
+            if same and p not in members and incompatibility(other, self.expected_meta()) is None:
+                members.append(p)
+        return members
 
     def is_valid(self) -> bool:
         return self._candidate()[0] is not None
@@ -128,25 +133,25 @@ class SegInferTask(BasicInferTask):
         out = super().info()
         path, meta, _ = self._candidate()
         out["ready"] = path is not None
-        if path:
-            out["version"] = {k: meta.get(k) for k in ("version", "published_at", "epoch", "val_mean_dice", "val_dice_per_class")}
-            out["version"]["source"] = "trained" if path == self.published_path else "pretrained"
+        if path and meta:
+            out["version"] = meta.summary()
         else:
             out["not_ready_reason"] = self.not_ready_reason()
+        out["versions"] = self.store.describe()
         return out
 
     # ---- network ----------------------------------------------------------------------------
-    @abstractmethod
-    def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
-        """Rebuild the network from a checkpoint's meta."""
+    def build_network(self, meta: CheckpointMeta) -> torch.nn.Module:
+        """Rebuild the network from a version's meta."""
+        return self.spec_class.from_dict(dict(meta.spec)).build()
 
-    @abstractmethod
-    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
+    def window_divisor(self, meta: CheckpointMeta) -> int | Sequence[int]:
         """What every window size must be a multiple of (one factor per down-sampling of the network)."""
+        return self.spec_class.from_dict(dict(meta.spec)).divisor
 
     def load_network(self, device: torch.device, path: str | None = None,
-                     dropout: float | None = None) -> tuple[torch.nn.Module, dict]:
-        """A served network on ``device`` (the serving checkpoint unless ``path``), reloaded when its file changes.
+                     dropout: float | None = None) -> tuple[torch.nn.Module, CheckpointMeta]:
+        """A served network on ``device`` (the serving version unless ``path``), reloaded when its file changes.
 
         ``dropout`` rebuilds it with that dropout rate (same weights: dropout layers hold none), for
         Monte-Carlo dropout on a model trained with a different rate.
@@ -155,36 +160,37 @@ class SegInferTask(BasicInferTask):
             path, _, _ = self._candidate()
         if not path:
             raise ModelNotReady(self.not_ready_reason())
-        key = (path, os.stat(path).st_mtime)
+        key = (path, os.stat(path).st_mtime_ns)
         cache_key = f"{device}|{path}|{dropout}"
         with self._lock:
             cached = self._loaded.get(cache_key)
             if cached and cached[0] == key:
                 return cached[1], cached[2]
-            state, meta = read_checkpoint(path)
+            state, raw = read_checkpoint(path)
+            meta = CheckpointMeta.from_dict(raw)
             build_meta = meta
             if dropout is not None:
-                build_meta = {**meta, "spec": {**meta.get("spec", {}), "dropout": float(dropout)}}
+                build_meta = dataclasses.replace(meta, spec={**meta.spec, "dropout": float(dropout)})
             net = self.build_network(build_meta)
             net.load_state_dict(state, strict=True)
             net.to(device).eval()
             self._loaded[cache_key] = (key, net, meta)
-            logger.info(f"{self.model_name}: loaded {path} (version {meta.get('version')}) on {device}"
+            logger.info(f"{self.model_name}: loaded {meta.version or os.path.basename(path)} on {device}"
                         + (f" with dropout {dropout}" if dropout is not None else ""))
             return net, meta
 
-    def _engine_inputs(self, data: dict[str, Any], meta: Mapping[str, Any], dev: torch.device,
+    def _engine_inputs(self, data: dict[str, Any], meta: CheckpointMeta, dev: torch.device,
                        default_overlap: float) -> tuple[torch.Tensor, dict[str, Any]]:
         """The batch ``(1, C, ...)`` and the engine arguments (window, slice axis, overlap, AMP) a request asks for."""
-        roi_dims = len(meta.get("roi_size") or self.roi_size)
-        roi = parse_size(data.get("roi_size") or meta.get("roi_size") or self.roi_size, roi_dims, "roi_size")
+        roi_dims = len(meta.roi_size or self.roi_size)
+        roi = parse_size(data.get("roi_size") or meta.roi_size or self.roi_size, roi_dims, "roi_size")
         if data.get("roi_size"):
             div = self.window_divisor(meta)
             divs = [int(div)] * roi_dims if isinstance(div, int) else [int(d) for d in div][-roi_dims:]
             if any(r % d for r, d in zip(roi, divs)):
                 raise ConfError(f"roi_size: {list(roi)} is not a multiple of {divs} (the network halves each axis "
                                 f"that many times); try {[max(d, (r // d) * d) for r, d in zip(roi, divs)]}")
-        engine = {"roi_size": roi, "slice_axis": meta.get("slice_axis"), "device": dev,
+        engine = {"roi_size": roi, "slice_axis": meta.slice_axis, "device": dev,
                   "overlap": parse_float(data.get("overlap", default_overlap), "overlap"),
                   "sw_batch_size": parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
                   "amp": resolve_amp(data.get("amp", True), dev)}
@@ -203,10 +209,10 @@ class SegInferTask(BasicInferTask):
         if samples < 2:
             raise ConfError(f"MC dropout needs at least 2 samples, got {samples}")
         _, meta = self.load_network(dev)
-        trained = float((meta.get("spec") or {}).get("dropout", 0.0) or 0.0)
+        trained = float(meta.spec.get("dropout", 0.0) or 0.0)
         if dropout is None and trained <= 0:
             raise ModelNotReady(
-                f"model '{self.model_name}' (version {meta.get('version')}) was trained without dropout, so MC dropout "
+                f"model '{self.model_name}' (version {meta.version}) was trained without dropout, so MC dropout "
                 f"has nothing to sample; train it with conf {self.model_name}.dropout=0.1 (or similar), or pass "
                 f'{{"dropout": 0.1}} to sample test-time dropout on these weights')
         rate = trained if dropout is None else float(dropout)
@@ -225,7 +231,7 @@ class SegInferTask(BasicInferTask):
                 mean_h = h / samples if mean_h is None else mean_h + h / samples
         assert mean_p is not None and mean_h is not None
         info = {"samples": samples, "dropout": rate, "dropout_source": "trained" if dropout is None else "test-time",
-                "model_version": meta.get("version")}
+                "model_version": meta.version}
         return mean_p, mean_h, info
 
     def clear_cache(self) -> None:
@@ -248,7 +254,7 @@ class SegInferTask(BasicInferTask):
         net, meta = self.load_network(dev)
         members = [(net, meta)]
         if parse_bool(data.get("ensemble", False), "ensemble"):
-            members = [self.load_network(dev, path) for path, _ in self.ensemble_members()] or members
+            members = [self.load_network(dev, path) for path in self.ensemble_members()] or members
         tta = parse_bool(data.get("tta", False), "tta")
         image, engine = self._engine_inputs(data, meta, dev, default_overlap=0.5)
         probs = None
@@ -256,7 +262,7 @@ class SegInferTask(BasicInferTask):
             p = predict_volume(member, image, blend=str(data.get("blend", "gaussian")), tta=tta, **engine)
             probs = p if probs is None else probs + p
         assert probs is not None
-        info = {"tta": tta, "amp": engine["amp"].describe(), "roi_size": list(engine["roi_size"]), "model_version": meta.get("version"),
+        info = {"tta": tta, "amp": engine["amp"].describe(), "roi_size": list(engine["roi_size"]), "model_version": meta.version,
                 "ensemble": len(members)}
         return probs / len(members), meta, info
 
@@ -287,7 +293,7 @@ class SegInferTask(BasicInferTask):
         label = torch.argmax(probs, dim=1).to(torch.uint8 if len(self.labels) < 255 else torch.int16).cpu()
         lcc = []
         if parse_bool(data.get("postprocess", True), "postprocess"):
-            lcc = list((meta.get("postprocessing") or {}).get("largest_component", []))
+            lcc = list((meta.postprocessing or {}).get("largest_component", []))
             label[0] = largest_component(label[0], [self.labels[n] for n in lcc if n in self.labels])
         source = data[self.input_key]
         if isinstance(source, MetaTensor):

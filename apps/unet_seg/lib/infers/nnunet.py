@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..networks import DynUNetSpec, build_dynunet
+from ..networks import DynUNetSpec
+from ..planning import Plan
 from ..transforms import load_chain, nnunet_preprocess
 from .base import ModelNotReady, SegInferTask
 
@@ -15,24 +16,20 @@ from .base import ModelNotReady, SegInferTask
 class NnUNetInfer(SegInferTask):
     """Serves an nnU-Net checkpoint; the plan inside its meta decides spacing and normalisation."""
 
+    spec_class = DynUNetSpec
+
     def __init__(self, *, modality_names: Sequence[str], dims: int, **kwargs: Any) -> None:
         self.modality_names = list(modality_names)
         super().__init__(spatial_dims=3, network_dims=dims, config={"tta": True}, **kwargs)
 
-    def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
-        return build_dynunet(DynUNetSpec.from_dict(meta["spec"]))
-
-    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
-        return DynUNetSpec.from_dict(meta["spec"]).divisor
-
-    def served_plan(self) -> dict:
+    def served_plan(self) -> Plan:
         """The plan of the checkpoint that will serve the next request."""
         path, meta, _ = self._candidate()
         if not path:
             raise ModelNotReady(self.not_ready_reason())
-        return meta["plan"]
+        return Plan.from_dict(meta.plan)
 
     def pre_transforms(self, data: Any = None) -> list:
         plan = self.served_plan()
         return [*load_chain(["image"], self.in_channels, 3, None, None, self.modality_names),
-                *nnunet_preprocess(["image"], plan["target_spacing"], plan["normalization"])]
+                *nnunet_preprocess(["image"], plan.target_spacing, plan.normalization)]

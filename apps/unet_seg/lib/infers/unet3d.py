@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..networks import UNet3DSpec, build_unet3d
+from ..networks import UNet3DSpec
 from ..transforms import load_chain, zscore_nonzero
 from .base import SegInferTask
 
@@ -15,16 +15,12 @@ from .base import SegInferTask
 class UNet3DInfer(SegInferTask):
     """3D U-Net (No New-Net) segmentation of N-modality volumes."""
 
+    spec_class = UNet3DSpec
+
     def __init__(self, *, modality_names: Sequence[str], orientation: str | None, **kwargs: Any) -> None:
         self.modality_names = list(modality_names)
         self.orientation = orientation
         super().__init__(spatial_dims=3, **kwargs)
-
-    def build_network(self, meta: Mapping[str, Any]) -> torch.nn.Module:
-        return build_unet3d(UNet3DSpec.from_dict(meta["spec"]))
-
-    def window_divisor(self, meta: Mapping[str, Any]) -> int | Sequence[int]:
-        return UNet3DSpec.from_dict(meta["spec"]).divisor
 
     def pre_transforms(self, data: Any = None) -> list:
         return [*load_chain(["image"], self.in_channels, 3, None, self.orientation, self.modality_names), *zscore_nonzero("image")]

@@ -61,6 +61,10 @@ def http_error(e: BaseException) -> HTTPException:
     raise e
 
 
+#: (path, methods, endpoint) rows of routes to install
+RouteTable = list[tuple[str, list[str], Callable[..., Any]]]
+
+
 class RequestFiles:
     """A request's multipart form, with every uploaded file copied into its own temp folder."""
 
@@ -69,7 +73,9 @@ class RequestFiles:
         self.fields: dict[str, str] = {}
         self.files: dict[str, tuple[str, str]] = {}  # field -> (path on disk, client's file name)
 
-    async def read(self, request: Request, file_fields: tuple[str, ...]) -> "RequestFiles":
+    async def read(self, request: Request, file_fields: tuple[str, ...],
+                   suffix: Callable[[str], str] = file_suffix) -> "RequestFiles":
+        """Copy the form's files (only ``file_fields``; ``suffix`` names each file's format or refuses it) and fields."""
         if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             return self
         form = await request.form(max_files=4, max_fields=16, max_part_size=1024 * 1024)
@@ -79,7 +85,7 @@ class RequestFiles:
                     if key not in file_fields:
                         raise HTTPException(status_code=422, detail=f"unexpected file field {key!r}; expected: {', '.join(file_fields)}")
                     name = os.path.basename(value.filename or "upload.nii.gz")
-                    path = os.path.join(self.folder, f"{key}{file_suffix(name)}")
+                    path = os.path.join(self.folder, f"{key}{suffix(name)}")
                     with open(path, "wb") as out:
                         await run_in_threadpool(shutil.copyfileobj, value.file, out, 1024 * 1024)
                     self.files[key] = (path, name)
@@ -428,8 +434,8 @@ class Routes:
         return JSONResponse(body, status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     # ---- installation -----------------------------------------------------------------------
-    def install(self, fastapi_app: FastAPI) -> None:
-        """Put these routes in front of MONAI Label's (same paths and auth dependency)."""
+    def install(self, fastapi_app: FastAPI, extra: Callable[[Any], RouteTable] | None = None) -> None:
+        """Put these routes (and ``extra(admin_dependency)``'s) in front of MONAI Label's (same paths and auth dependency)."""
         user = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
         annotator = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
         admin = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
@@ -471,7 +477,7 @@ class Routes:
             raise HTTPException(status_code=404, detail=f"no whole-slide (WSI) models are served; use POST /infer/{{model}} "
                                                         f"with models: {', '.join(routes.app._infers)}")
 
-        table: list[tuple[str, list[str], Callable[..., Any]]] = [
+        table: RouteTable = [
             ("/auth/token", ["POST"], token),
             ("/session/", ["PUT"], create_session),
             ("/infer/wsi/{model}", ["POST"], no_wsi),  # MONAI Label's WSI routes read any server path given as image
@@ -486,6 +492,7 @@ class Routes:
             ("/scoring/{method}", ["POST"], scoring),
             ("/batch/infer/{model}", ["POST"], batch_infer),
         ]
+        table += extra(admin) if extra else []
         new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/",
                         dependency_overrides_provider=fastapi_app)  # so the app's auth overrides apply here too
                for path, methods, fn in table]

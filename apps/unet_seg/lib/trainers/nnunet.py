@@ -28,7 +28,9 @@ from monailabel.tasks.train.basic_train import Context
 
 from ..conf import parse_bool, parse_float, parse_int
 from ..networks import DynUNetSpec, build_dynunet
-from ..planning import DEFAULT_SETTINGS, PlannerSettings, fingerprint_from_cases, load_json, plan_from_fingerprint, save_json
+from ..planning import (DEFAULT_SETTINGS, Plan, PlannerSettings, PlanningError, fingerprint_from_cases, load_plan,
+                        plan_from_fingerprint, save_plan)
+from ..recipes import NNUNET as RECIPE
 from ..transforms import load_chain, nnunet_augmentation, nnunet_preprocess
 from .base import SegTrainTask
 
@@ -69,6 +71,8 @@ def planner_settings(base_filters: int | None = None, max_filters: int | None = 
 class NnUNetTrain(SegTrainTask):
     """Self-configuring nnU-Net training (see module docstring)."""
 
+    spec_class = DynUNetSpec
+
     search_postprocessing = True
 
     def __init__(self, *, dims: int, modality_names: Sequence[str], modality_kinds: Sequence[str], gpu_memory_gb: float,
@@ -79,75 +83,79 @@ class NnUNetTrain(SegTrainTask):
         self.modality_kinds = list(modality_kinds)
         self.gpu_memory_gb = gpu_memory_gb
         self.settings = settings
-        config = {"learning_rate": 0.01, "grad_clip": 12.0, "iterations_per_epoch": iterations_per_epoch,
-                  "replan": False, "train_batch_size": 0, "pos_fraction": 1 / 3}
+        config = {"learning_rate": RECIPE.learning_rate, "grad_clip": RECIPE.grad_clip, "iterations_per_epoch": iterations_per_epoch,
+                  "replan": RECIPE.replan, "train_batch_size": RECIPE.train_batch_size, "pos_fraction": RECIPE.pos_fraction}
         config.update(kwargs.pop("config", {}) or {})
         super().__init__(spatial_dims=dims, in_channels=len(self.modality_names), config=config, **kwargs)
-        self.plan_path = os.path.join(os.path.dirname(self.published_path), f"{self.model_name}_plan.json")
+        self.plan_path = self.paths.plan
 
     # ---- the plan -------------------------------------------------------------------------
-    def make_plan(self, datalist: list[dict], replan: bool = False) -> dict:
+    def make_plan(self, datalist: list[dict], replan: bool = False) -> Plan:
         """Load the saved plan, or fingerprint the labelled studies and plan (then save)."""
         if os.path.exists(self.plan_path) and not replan:
-            plan = load_json(self.plan_path)
-            if plan.get("in_channels") == self.in_channels and plan.get("dims") == self.dims:
+            plan = load_plan(self.plan_path)
+            if plan.in_channels == self.in_channels and plan.dims == self.dims:
                 return plan
             logger.info(f"{self.plan_path} does not fit this config (channels/dims); planning again")
         fp = fingerprint_from_cases(datalist, self.modality_kinds)
         plan = plan_from_fingerprint(fp, self.dims, self.gpu_memory_gb, modality=self.modality_kinds, settings=self.settings)
-        save_json(plan, self.plan_path)
-        logger.info(f"nnU-Net plan saved to {self.plan_path}: patch {plan['patch_size']}, batch {plan['batch_size']}")
+        save_plan(plan, self.plan_path)
+        logger.info(f"nnU-Net plan saved to {self.plan_path}: patch {plan.patch_size}, batch {plan.batch_size}")
         return plan
 
-    def plan(self) -> dict | None:
+    def plan(self) -> Plan | None:
         """The saved plan, if any (shown in /info)."""
-        return load_json(self.plan_path) if os.path.exists(self.plan_path) else None
+        return load_plan(self.plan_path) if os.path.exists(self.plan_path) else None
 
     def info(self) -> dict:
         out = super().info()
-        plan = self.plan()
+        try:
+            plan = self.plan()
+        except PlanningError as e:  # a broken or newer plan file must not break /info
+            logger.warning(f"/info: {e}")
+            plan = None
         if plan:
-            out["plan"] = {k: plan.get(k) for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides",
+            out["plan"] = {k: getattr(plan, k) for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides",
                                                    "kernel_sizes", "filters", "normalization", "slice_axis")}
         return out
 
     def pre_process(self, request: dict, datastore: Any) -> list[dict]:
         datalist = super().pre_process(request, datastore)
-        request["_plan"] = self.make_plan(datalist, parse_bool(request.get("replan", False), "replan"))
+        request["_plan"] = self.make_plan(datalist, parse_bool(request.get("replan", RECIPE.replan), "replan"))
         return datalist
 
     @staticmethod
-    def _plan(context: Context) -> dict:
+    def _plan(context: Context) -> Plan:
         return context.request["_plan"]
 
     # ---- recipe ---------------------------------------------------------------------------
     def roi_size(self, context: Context) -> tuple[int, ...]:
-        return tuple(int(s) for s in self._plan(context)["patch_size"])
+        return tuple(int(s) for s in self._plan(context).patch_size)
 
     def slice_axis(self, context: Context) -> int | None:
-        return self._plan(context).get("slice_axis") if self.dims == 2 else None
+        return self._plan(context).slice_axis if self.dims == 2 else None
 
     def spec(self, context: Context) -> DynUNetSpec:
         """DynUNet spec from the plan (deep supervision on every stage but the two lowest)."""
         plan = self._plan(context)
-        strides = [list(s) for s in plan["strides"]]
+        strides = [list(s) for s in plan.strides]
         return DynUNetSpec(spatial_dims=self.dims, in_channels=self.in_channels, out_channels=self.num_classes,
-                           kernels=[list(k) for k in plan["kernel_sizes"]], strides=strides,
-                           filters=list(plan["filters"]), deep_supervision=True, deep_supr_num=max(1, len(strides) - 2),
+                           kernels=[list(k) for k in plan.kernel_sizes], strides=strides,
+                           filters=list(plan.filters), deep_supervision=True, deep_supr_num=max(1, len(strides) - 2),
                            dropout=self.dropout)
 
     def network_spec(self, context: Context) -> dict[str, Any]:
         return self.spec(context).to_dict()
 
     def extra_meta(self, context: Context) -> dict[str, Any]:
-        plan = {k: v for k, v in self._plan(context).items() if k != "fingerprint_summary"}
+        plan = self._plan(context).to_dict(fingerprint_summary=False)
         return {"plan": plan, "modalities": self.modality_names}
 
     def network(self, context: Context) -> torch.nn.Module:
         return build_dynunet(self.spec(context))
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        lr = parse_float(context.request.get("learning_rate", 0.01), "learning_rate")
+        lr = parse_float(context.request.get("learning_rate", RECIPE.learning_rate), "learning_rate")
         return torch.optim.SGD(context.network.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
     def lr_scheduler_handler(self, context: Context) -> LrScheduleHandler:
@@ -162,7 +170,7 @@ class NnUNetTrain(SegTrainTask):
     def _preprocess(self, context: Context, keys: list[str]) -> list:
         plan = self._plan(context)
         return [*load_chain(keys, self.in_channels, 3, list(self.labels.values()), None, self.modality_names),
-                *nnunet_preprocess(keys, plan["target_spacing"], plan["normalization"])]
+                *nnunet_preprocess(keys, plan.target_spacing, plan.normalization)]
 
     def train_pre_transforms(self, context: Context) -> list:
         patch = list(self.roi_size(context))
@@ -170,7 +178,7 @@ class NnUNetTrain(SegTrainTask):
         axis = self.slice_axis(context)
         if axis is not None:  # 2D on volumes: crop a one-slice slab, then drop that axis
             crop = patch[:axis] + [1] + patch[axis:]
-        pos = parse_float(context.request.get("pos_fraction", 1 / 3), "pos_fraction")
+        pos = parse_float(context.request.get("pos_fraction", RECIPE.pos_fraction), "pos_fraction")
         chain = [
             *self._preprocess(context, ["image", "label"]),
             SpatialPadd(keys=["image", "label"], spatial_size=crop),
@@ -179,7 +187,8 @@ class NnUNetTrain(SegTrainTask):
         ]
         if axis is not None:
             chain.append(SqueezeDimd(keys=["image", "label"], dim=1 + axis))
-        anisotropic = self.dims == 3 and max(self._plan(context)["target_spacing"]) > 3 * min(self._plan(context)["target_spacing"])
+        spacing = self._plan(context).target_spacing
+        anisotropic = self.dims == 3 and max(spacing) > 3 * min(spacing)
         return [*chain, *nnunet_augmentation(self.dims, anisotropic), EnsureTyped(keys="image", dtype=torch.float32)]
 
     def val_pre_transforms(self, context: Context) -> list:
@@ -188,14 +197,14 @@ class NnUNetTrain(SegTrainTask):
     # ---- epochs of a fixed number of iterations --------------------------------------------
     def __call__(self, request: dict, datastore: Any) -> dict:
         request = dict(request)
-        if not parse_int(request.get("train_batch_size", self._config.get("train_batch_size", 0)) or 0, "train_batch_size"):
+        if not parse_int(request.get("train_batch_size", self._config.get("train_batch_size", RECIPE.train_batch_size)) or 0, "train_batch_size"):
             request["train_batch_size"] = 1  # placeholder; replaced by the plan's batch size in train()
             request["_batch_from_plan"] = True
         return super().__call__(request, datastore)
 
     def train(self, rank: int, world_size: int, request: dict, datalist: list) -> Any:
         if request.get("_batch_from_plan"):
-            request["train_batch_size"] = max(1, int(request["_plan"]["batch_size"]) // max(world_size, 1))
+            request["train_batch_size"] = max(1, int(request["_plan"].batch_size) // max(world_size, 1))
         return super().train(rank, world_size, request, datalist)
 
     def _create_trainer(self, context: Context) -> Any:

@@ -24,11 +24,12 @@ from monailabel.tasks.train.basic_train import Context
 
 from ..conf import ConfError, parse_float, parse_int, parse_size
 from ..networks import UNet2DSpec, build_unet2d
+from ..recipes import UNET2D as RECIPE
 from ..transforms import BorderWeightd, RandSliced, load_chain, unet2d_augmentation, zscore_image
 from .base import SegTrainTask
 
 LOSSES = ("ce_dice", "weighted_ce_dice")
-OPTIMIZERS = {"adam": 1e-4, "sgd": 0.01}
+OPTIMIZERS = RECIPE.optimizer_learning_rates()  # name -> its own learning rate
 
 
 class CeDiceLoss(torch.nn.Module):
@@ -52,6 +53,8 @@ class CeDiceLoss(torch.nn.Module):
 class UNet2DTrain(SegTrainTask):
     """Training recipe of the original U-Net / NVIDIA UNet_Medical (see module docstring)."""
 
+    spec_class = UNet2DSpec
+
     def __init__(self, *, spec: UNet2DSpec, roi_size: Sequence[int], slice_axis: int, modality_names: Sequence[str],
                  label_map: Mapping[int, int] | None, **kwargs: Any) -> None:
         self.spec = spec
@@ -59,8 +62,10 @@ class UNet2DTrain(SegTrainTask):
         self._slice_axis = slice_axis
         self.modality_names = list(modality_names)
         self.label_map = dict(label_map or {})
-        config = {"roi_size": list(roi_size), "num_samples": 2, "pos_fraction": 0.5, "optimizer": "adam",
-                  "learning_rate": 0, "loss": "ce_dice", "w0": 10.0, "sigma": 5.0, "train_batch_size": 4}
+        r = RECIPE
+        config = {"roi_size": list(roi_size), "num_samples": r.num_samples, "pos_fraction": r.pos_fraction, "optimizer": r.optimizer,
+                  "learning_rate": r.learning_rate, "loss": r.loss, "w0": r.w0, "sigma": r.sigma,
+                  "train_batch_size": r.train_batch_size}
         config.update(kwargs.pop("config", {}) or {})
         super().__init__(spatial_dims=2, in_channels=spec.in_channels, config=config, **kwargs)
 
@@ -76,7 +81,7 @@ class UNet2DTrain(SegTrainTask):
         return self._slice_axis
 
     def _loss_name(self, context: Context) -> str:
-        name = str(context.request.get("loss", "ce_dice")).lower()
+        name = str(context.request.get("loss", RECIPE.loss)).lower()
         if name not in LOSSES:
             raise ConfError(f"loss: expected one of {', '.join(LOSSES)}, got {name!r}")
         return name
@@ -93,7 +98,7 @@ class UNet2DTrain(SegTrainTask):
         return build_unet2d(self.spec)
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        name = str(context.request.get("optimizer", "adam")).lower()
+        name = str(context.request.get("optimizer", RECIPE.optimizer)).lower()
         if name not in OPTIMIZERS:
             raise ConfError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}")
         lr = parse_float(context.request.get("learning_rate") or 0, "learning_rate") or OPTIMIZERS[name]
@@ -117,18 +122,18 @@ class UNet2DTrain(SegTrainTask):
 
     def train_pre_transforms(self, context: Context) -> list:
         roi = list(self.roi_size(context))
-        pos = parse_float(context.request.get("pos_fraction", 0.5), "pos_fraction")
+        pos = parse_float(context.request.get("pos_fraction", RECIPE.pos_fraction), "pos_fraction")
         weighted = self._loss_name(context) == "weighted_ce_dice"
         keys = ["image", "label", "weight"] if weighted else ["image", "label"]
         chain = [*self._load_chain(["image", "label"]), *zscore_image("image")]
         if weighted:  # before the first random step, so a CacheDataset keeps the weights
-            chain.append(BorderWeightd("label", w0=parse_float(context.request.get("w0", 10.0), "w0"),
-                                       sigma=parse_float(context.request.get("sigma", 5.0), "sigma"), axis=self._slice_axis))
+            chain.append(BorderWeightd("label", w0=parse_float(context.request.get("w0", RECIPE.w0), "w0"),
+                                       sigma=parse_float(context.request.get("sigma", RECIPE.sigma), "sigma"), axis=self._slice_axis))
         chain += [
             RandSliced(keys=keys, axis=self._slice_axis, pos_fraction=pos),
             SpatialPadd(keys=keys, spatial_size=roi, mode="reflect"),
             RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=pos, neg=1 - pos,
-                                   num_samples=parse_int(context.request.get("num_samples", 2), "num_samples", 1),
+                                   num_samples=parse_int(context.request.get("num_samples", RECIPE.num_samples), "num_samples", 1),
                                    image_key="image", image_threshold=-1e9, allow_smaller=True),
             *unet2d_augmentation(roi, keys),
             EnsureTyped(keys="image", dtype=torch.float32),

@@ -11,12 +11,15 @@ from monailabel.tasks.train.basic_train import Context
 
 from ..conf import parse_float, parse_int, parse_size
 from ..networks import UNet3DSpec, build_unet3d
+from ..recipes import UNET3D as RECIPE
 from ..transforms import flips_and_brightness, load_chain, random_crop_foreground, zscore_nonzero
 from .base import SegTrainTask
 
 
 class UNet3DTrain(SegTrainTask):
-    """Training recipe of NVIDIA's UNet_3D_Medical (see lib/configs/unet3d.py for the defaults)."""
+    """Training recipe of NVIDIA's UNet_3D_Medical (defaults: ``lib.recipes.UNet3DRecipe``)."""
+
+    spec_class = UNet3DSpec
 
     def __init__(self, *, spec: UNet3DSpec, roi_size: Sequence[int], modality_names: Sequence[str],
                  orientation: str | None, **kwargs: Any) -> None:
@@ -24,7 +27,8 @@ class UNet3DTrain(SegTrainTask):
         self._roi = tuple(roi_size)
         self.modality_names = list(modality_names)
         self.orientation = orientation
-        config = {"roi_size": list(roi_size), "num_samples": 2, "pos_fraction": 0.5, "learning_rate": 2e-4}
+        config = {"roi_size": list(roi_size), "num_samples": RECIPE.num_samples, "pos_fraction": RECIPE.pos_fraction,
+                  "learning_rate": RECIPE.learning_rate}
         config.update(kwargs.pop("config", {}) or {})
         super().__init__(spatial_dims=3, in_channels=spec.in_channels, config=config, **kwargs)
 
@@ -45,7 +49,7 @@ class UNet3DTrain(SegTrainTask):
         return build_unet3d(self.spec)
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        lr = parse_float(context.request.get("learning_rate", 2e-4), "learning_rate")
+        lr = parse_float(context.request.get("learning_rate", RECIPE.learning_rate), "learning_rate")
         return torch.optim.Adam(context.network.parameters(), lr=lr)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
@@ -60,8 +64,8 @@ class UNet3DTrain(SegTrainTask):
         return [
             *self._load_chain(["image", "label"]),
             *zscore_nonzero("image"),
-            *random_crop_foreground(roi, parse_int(context.request.get("num_samples", 2), "num_samples", 1),
-                                    parse_float(context.request.get("pos_fraction", 0.5), "pos_fraction")),
+            *random_crop_foreground(roi, parse_int(context.request.get("num_samples", RECIPE.num_samples), "num_samples", 1),
+                                    parse_float(context.request.get("pos_fraction", RECIPE.pos_fraction), "pos_fraction")),
             *flips_and_brightness(3),
         ]
 
