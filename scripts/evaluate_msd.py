@@ -25,16 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP_DIR = os.path.join(ROOT, "apps", "unet_seg")
 sys.path.insert(0, APP_DIR)
 
+from lib.checkpoints import CheckpointMeta, read_checkpoint  # noqa: E402
+from lib.configs import conf_from_meta  # noqa: E402
 from lib.metrics import dice_per_class  # noqa: E402
-from lib.networks import UNET3D_PRESETS, preset_name  # noqa: E402
-
-
-def preset_of(spec: dict) -> str:
-    """Name of the size preset a published spec was built from."""
-    name = preset_name(spec, UNET3D_PRESETS)
-    if name is None:
-        raise ValueError(f"spec {spec} matches no preset")
-    return name
 
 
 def main() -> None:
@@ -48,10 +41,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the JSON summary here")
     args = p.parse_args()
 
-    import torch
-
-    meta = torch.load(args.model_file, map_location="cpu", weights_only=True)["meta"]
-    labels = meta["labels"]
+    meta = CheckpointMeta.from_dict(read_checkpoint(args.model_file)[1])
+    labels = meta.labels
     with open(os.path.join(args.data, "dataset.json"), encoding="utf-8") as f:
         items = json.load(f)["training"]
     excluded = set(os.listdir(args.exclude)) if args.exclude else set()
@@ -62,10 +53,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "studies"))
-        conf = {"models": args.model, "labels": json.dumps(labels), "model_dir": os.path.join(tmp, "model"),
-                "pretrained": os.path.abspath(args.model_file), "modalities": str(meta["in_channels"]), "tracking": "none"}
-        if args.model == "unet3d":
-            conf.update({"roi_size": ",".join(str(s) for s in meta["roi_size"]), "preset": preset_of(meta["spec"])})
+        conf = {"models": args.model, "model_dir": os.path.join(tmp, "model"), "pretrained": os.path.abspath(args.model_file),
+                "tracking": "none", **conf_from_meta(args.model, meta)}
         app = UNetSegApp(APP_DIR, os.path.join(tmp, "studies"), conf)
         per_case, times = [], []
         for it in items:

@@ -85,7 +85,7 @@ def main() -> None:
                         "val_cases": stats.get("val_cases"), "best_val_dice": stats.get("published", {}).get("val_mean_dice"),
                         "best_epoch": stats.get("published", {}).get("epoch")})
 
-    task = app._infers["unet2d"]
+    task = app.infer_task("unet2d")
     device = torch.device("cpu")
     net, meta = task.load_network(device)
     amp = resolve_amp(args.amp, device)

@@ -82,15 +82,16 @@ def main() -> None:
         "best_val_mean_dice": stats.get("published", {}).get("val_mean_dice"),
         "best_epoch": stats.get("published", {}).get("epoch"),
         "last_epoch_val_dice_per_class": stats.get("val_dice_per_class"),
-        "published_model": os.path.join(args.out, "model", f"{args.model}.pt"),
+        "gate": stats.get("gate"),
     }
-    import torch  # noqa: E402
-
-    meta = torch.load(summary["published_model"], map_location="cpu", weights_only=True)["meta"]
-    summary["best_val_dice_per_class"] = meta.get("val_dice_per_class")
-    if meta.get("plan"):
-        summary["plan"] = {k: meta["plan"].get(k) for k in ("patch_size", "batch_size", "target_spacing", "filters", "strides")}
-        summary["postprocessing"] = meta.get("postprocessing")
+    store = app.model_store(args.model)
+    version = stats.get("version") or store.serving().id
+    meta = store.meta(version)
+    summary["published_model"] = store.path(version)  # the run's version file (copy it to ship the model)
+    summary["best_val_dice_per_class"] = dict(meta.validation.per_class) if meta.validation else None
+    if meta.plan:
+        summary["plan"] = {k: meta.plan.get(k) for k in ("patch_size", "batch_size", "target_spacing", "filters", "strides")}
+        summary["postprocessing"] = meta.postprocessing
     print(json.dumps(summary, indent=2))
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

@@ -48,6 +48,7 @@ def trained(msd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     results = tmp_path_factory.mktemp("results")
     r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(results), *TINY, "--epochs", "2", "--val_split", "0.25")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "/scoring" not in r.stderr  # ends cleanly: no request to a server that is not there
     return results
 
 
@@ -65,6 +66,10 @@ def test_train_publishes_model_stats_and_curves(trained: Path) -> None:
     assert meta["labels"] == {"anterior": 1, "posterior": 2}
     stats = json.loads((trained / "model" / "unet3d_train_stats.json").read_text())
     assert [h["epoch"] for h in stats["history"]] == [1, 2] and stats["history"][0]["train_loss"] > 0
+    from lib.runtime import cpu_has_native_bf16
+
+    assert stats["amp"] == ("bfloat16" if cpu_has_native_bf16() else "fp32")  # the server's AMP rule is the CLI's default
+    assert stats["gate"]["decision"] == "serving" and meta["version"] == "v1"
     assert (trained / "plots" / "unet3d_curves.png").stat().st_size > 1000
     split = json.loads((trained / "model" / "unet3d_split.json").read_text())
     assert len(split["validation"]) == 1 and len(split["training"]) == 3
