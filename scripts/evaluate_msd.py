@@ -53,8 +53,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "studies"))
-        conf = {"models": args.model, "model_dir": os.path.join(tmp, "model"), "pretrained": os.path.abspath(args.model_file),
-                "tracking": "none", **conf_from_meta(args.model, meta)}
+        conf = {
+            "models": args.model,
+            "model_dir": os.path.join(tmp, "model"),
+            "pretrained": os.path.abspath(args.model_file),
+            "tracking": "none",
+            **conf_from_meta(args.model, meta),
+        }
         app = UNetSegApp(APP_DIR, os.path.join(tmp, "studies"), conf)
         per_case, times = [], []
         for it in items:
@@ -67,9 +72,14 @@ def main() -> None:
             os.remove(res["file"])
             per_case.append(dice_per_class(pred, ref, labels))
     mean = {k: float(np.nanmean([c[k] for c in per_case])) for k in labels}
-    summary = {"cases": len(per_case), "tta": args.tta, "model_version": meta.get("version"),
-               "dice_per_class": mean, "mean_dice": float(np.mean(list(mean.values()))),
-               "seconds_per_case_median": float(np.median(times))}
+    summary = {
+        "cases": len(per_case),
+        "tta": args.tta,
+        "model_version": meta.get("version"),
+        "dice_per_class": mean,
+        "mean_dice": float(np.mean(list(mean.values()))),
+        "seconds_per_case_median": float(np.median(times)),
+    }
     print(json.dumps(summary, indent=2))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

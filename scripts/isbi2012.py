@@ -62,7 +62,6 @@ def main() -> None:
                 os.symlink(os.path.abspath(os.path.join(args.data, "train", sub, f"{i}.png")), target)
 
     sys.path.insert(0, APP_DIR)
-    from main import UNetSegApp  # noqa: E402
     import numpy as np  # noqa: E402
     import torch  # noqa: E402
     from monai.transforms import LoadImage  # noqa: E402
@@ -70,20 +69,51 @@ def main() -> None:
     from lib.inference import predict_volume  # noqa: E402
     from lib.metrics import scores_2d  # noqa: E402
     from lib.runtime import resolve_amp  # noqa: E402
+    from main import UNetSegApp  # noqa: E402
 
-    conf = {"models": "unet2d", "model_dir": os.path.join(args.out, "model"), "preset": args.preset,
-            "padding": args.padding, "roi_size": args.roi, "tracking": "none"}
+    conf = {
+        "models": "unet2d",
+        "model_dir": os.path.join(args.out, "model"),
+        "preset": args.preset,
+        "padding": args.padding,
+        "roi_size": args.roi,
+        "tracking": "none",
+    }
     app = UNetSegApp(APP_DIR, studies, conf)
-    summary: dict = {"train_slices": args.train, "eval_slices": args.eval, "preset": args.preset, "padding": args.padding,
-                     "roi": args.roi, "epochs": args.epochs, "optimizer": args.optimizer, "loss": args.loss}
+    summary: dict = {
+        "train_slices": args.train,
+        "eval_slices": args.eval,
+        "preset": args.preset,
+        "padding": args.padding,
+        "roi": args.roi,
+        "epochs": args.epochs,
+        "optimizer": args.optimizer,
+        "loss": args.loss,
+    }
     if not args.skip_train:
         start = time.time()
-        stats = app.train({"model": "unet2d", "max_epochs": args.epochs, "train_batch_size": args.batch,
-                           "num_samples": args.samples, "learning_rate": args.lr, "optimizer": args.optimizer,
-                           "loss": args.loss, "val_split": args.val_split, "amp": args.amp})
-        summary.update({"train_wall_time_s": round(time.time() - start, 1), "train_cases": stats.get("train_cases"),
-                        "val_cases": stats.get("val_cases"), "best_val_dice": stats.get("published", {}).get("val_mean_dice"),
-                        "best_epoch": stats.get("published", {}).get("epoch")})
+        stats = app.train(
+            {
+                "model": "unet2d",
+                "max_epochs": args.epochs,
+                "train_batch_size": args.batch,
+                "num_samples": args.samples,
+                "learning_rate": args.lr,
+                "optimizer": args.optimizer,
+                "loss": args.loss,
+                "val_split": args.val_split,
+                "amp": args.amp,
+            }
+        )
+        summary.update(
+            {
+                "train_wall_time_s": round(time.time() - start, 1),
+                "train_cases": stats.get("train_cases"),
+                "val_cases": stats.get("val_cases"),
+                "best_val_dice": stats.get("published", {}).get("val_mean_dice"),
+                "best_epoch": stats.get("published", {}).get("epoch"),
+            }
+        )
 
     task = app.infer_task("unet2d")
     device = torch.device("cpu")
@@ -95,8 +125,15 @@ def main() -> None:
         image = os.path.join(args.data, "train", "image", f"{i}.png")
         data = task.run_pre_transforms({"image": image}, task.pre_transforms())
         t0 = time.time()
-        probs = predict_volume(net, torch.as_tensor(data["image"])[None], meta["roi_size"], slice_axis=meta.get("slice_axis"),
-                               tta=args.tta, amp=amp, device=device)[0]
+        probs = predict_volume(
+            net,
+            torch.as_tensor(data["image"])[None],
+            meta["roi_size"],
+            slice_axis=meta.get("slice_axis"),
+            tta=args.tta,
+            amp=amp,
+            device=device,
+        )[0]
         seconds = time.time() - t0
         ref = (np.asarray(loader(os.path.join(args.data, "train", "label", f"{i}.png"))) > 127).astype(np.int64)
         scores = scores_2d(probs, ref)
@@ -104,8 +141,14 @@ def main() -> None:
         per_image[str(i)] = scores
         print(i, {k: round(v, 4) for k, v in scores.items()}, flush=True)
     keys = ["soft_dice", "dice", "v_rand", "v_info"]
-    summary.update({"tta": args.tta, "model_version": meta.get("version"), "per_image": per_image,
-                    "mean": {k: float(np.mean([s[k] for s in per_image.values()])) for k in keys}})
+    summary.update(
+        {
+            "tta": args.tta,
+            "model_version": meta.get("version"),
+            "per_image": per_image,
+            "mean": {k: float(np.mean([s[k] for s in per_image.values()])) for k in keys},
+        }
+    )
     print(json.dumps(summary["mean"], indent=2))
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)

@@ -91,6 +91,7 @@ class BadTrain:
 
 # ---- keyword matching -------------------------------------------------------------------------
 
+
 def detail_text(reply_json: object) -> str:
     """The reply's ``detail`` as lower-case text (FastAPI validation errors carry a list)."""
     detail = reply_json.get("detail", reply_json) if isinstance(reply_json, dict) else reply_json
@@ -140,7 +141,7 @@ def patch(raw: bytes, nifti2: bool = False, **fields: object) -> bytes:
     hdr = np.frombuffer(raw[: dt.itemsize], dtype=dt).copy()
     for key, value in fields.items():
         hdr[key] = value
-    return hdr.tobytes() + raw[dt.itemsize:]
+    return hdr.tobytes() + raw[dt.itemsize :]
 
 
 def affine_fields(a: np.ndarray) -> dict:
@@ -150,11 +151,17 @@ def affine_fields(a: np.ndarray) -> dict:
 
 def png_bytes() -> bytes:
     """A real 8x8 grey PNG (no imaging library needed)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     rows = b"".join(b"\x00" + bytes(range(0, 256, 32)) for _ in range(8))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _gf2_times(mat: list[int], vec: int) -> int:
@@ -220,13 +227,19 @@ def gzip_bomb(shape: tuple[int, int, int], affine: np.ndarray) -> bytes:
         return c.compress(data) + c.flush(zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH)
 
     full, rest = divmod(total, chunk)
-    body = deflated(header) + deflated(bytes(chunk)) * full + (deflated(bytes(rest)) if rest else b"") + deflated(b"", final=True)
+    body = (
+        deflated(header)
+        + deflated(bytes(chunk)) * full
+        + (deflated(bytes(rest)) if rest else b"")
+        + deflated(b"", final=True)
+    )
     crc = crc32_combine(zlib.crc32(header), zeros_crc32(total), total)
     head = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # gzip member header, mtime 0, max compression
     return head + body + struct.pack("<II", crc, (len(header) + total) & 0xFFFFFFFF)
 
 
 # ---- the sample ---------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def sample() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,6 +266,7 @@ def good_label() -> bytes:
 
 # ---- the bad inputs -------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def bad_inputs() -> list[BadInput]:
     image, label, aff = sample()
@@ -263,37 +277,93 @@ def bad_inputs() -> list[BadInput]:
     rng = np.random.default_rng(20240603)
     out: list[BadInput] = []
 
-    def add(name: str, payload: bytes, targets: frozenset[str], keywords: tuple[str, ...], kind: str,
-            status: int = 422, ext: str = ".nii.gz", **kw: object) -> None:
-        out.append(BadInput(name=name, filename=kw.pop("filename", None) or f"{name}{ext}", payload=payload,  # type: ignore[arg-type]
-                            targets=targets, status=status, keywords=keywords, kind=kind, **kw))  # type: ignore[arg-type]
+    def add(
+        name: str,
+        payload: bytes,
+        targets: frozenset[str],
+        keywords: tuple[str, ...],
+        kind: str,
+        status: int = 422,
+        ext: str = ".nii.gz",
+        **kw: object,
+    ) -> None:
+        out.append(
+            BadInput(
+                name=name,
+                filename=kw.pop("filename", None) or f"{name}{ext}",
+                payload=payload,  # type: ignore[arg-type]
+                targets=targets,
+                status=status,
+                keywords=keywords,
+                kind=kind,
+                **kw,
+            )
+        )  # type: ignore[arg-type]
 
     # -- file level: unreadable in every channel. Built on the stored label, which is also a good image
     # and a good inference input, so in each channel the damage is the only defect. ----------------------
     add("zero_bytes", b"", ALL, CANNOT_READ, "file", nibabel_reads=False)
     add("random_10_bytes", rng.bytes(10), ALL, CANNOT_READ, "file", nibabel_reads=False)
     add("png_named_nii_gz", png_bytes(), ALL, CANNOT_READ, "file", nibabel_reads=False)
-    add("text_named_nii_gz", b"patient: 003\nthis is a text file, not a NIfTI image\n", ALL, CANNOT_READ, "file", nibabel_reads=False)
+    add(
+        "text_named_nii_gz",
+        b"patient: 003\nthis is a text file, not a NIfTI image\n",
+        ALL,
+        CANNOT_READ,
+        "file",
+        nibabel_reads=False,
+    )
     add("text_named_nii", b"hello " * 100, ALL, CANNOT_READ, "file", ext=".nii", nibabel_reads=False)
     add("gzip_of_text", gz(b"not a nifti header " * 40), ALL, CANNOT_READ, "file", nibabel_reads=False)
     add("gzip_header_only", lab_gz[:10], ALL, CANNOT_READ, "file", nibabel_reads=False)
 
     def gzip_damage(prefix: str, data: bytes, plain: bytes, targets: frozenset[str]) -> None:
         for pct in (10, 50, 99):
-            add(f"{prefix}gzip_truncated_{pct}pct", data[: len(data) * pct // 100], targets, CANNOT_READ, "file", nibabel_reads=False)
+            add(
+                f"{prefix}gzip_truncated_{pct}pct",
+                data[: len(data) * pct // 100],
+                targets,
+                CANNOT_READ,
+                "file",
+                nibabel_reads=False,
+            )
         # nibabel reads the next four without complaint (it never checks the gzip trailer): only
         # reading the stream to its end finds the damage
         add(f"{prefix}gzip_truncated_no_trailer", data[:-8], targets, CANNOT_READ, "file", nibabel_reads=True)
         mid = len(data) // 2
-        add(f"{prefix}gzip_flipped_middle", data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 16]) + data[mid + 16:],
-            targets, CANNOT_READ, "file")
+        add(
+            f"{prefix}gzip_flipped_middle",
+            data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 16]) + data[mid + 16 :],
+            targets,
+            CANNOT_READ,
+            "file",
+        )
         crc = struct.unpack("<I", data[-8:-4])[0]
-        add(f"{prefix}gzip_bad_crc", data[:-8] + struct.pack("<I", crc ^ 0xDEADBEEF) + data[-4:], targets, CANNOT_READ, "file",
-            nibabel_reads=True)
-        add(f"{prefix}gzip_bad_isize", data[:-4] + struct.pack("<I", (len(plain) + 1000) & 0xFFFFFFFF), targets, CANNOT_READ, "file",
-            nibabel_reads=True)
-        add(f"{prefix}nii_truncated_in_data", plain[: 352 + (len(plain) - 352) // 2], targets, CANNOT_READ, "file", ext=".nii",
-            nibabel_reads=False)
+        add(
+            f"{prefix}gzip_bad_crc",
+            data[:-8] + struct.pack("<I", crc ^ 0xDEADBEEF) + data[-4:],
+            targets,
+            CANNOT_READ,
+            "file",
+            nibabel_reads=True,
+        )
+        add(
+            f"{prefix}gzip_bad_isize",
+            data[:-4] + struct.pack("<I", (len(plain) + 1000) & 0xFFFFFFFF),
+            targets,
+            CANNOT_READ,
+            "file",
+            nibabel_reads=True,
+        )
+        add(
+            f"{prefix}nii_truncated_in_data",
+            plain[: 352 + (len(plain) - 352) // 2],
+            targets,
+            CANNOT_READ,
+            "file",
+            ext=".nii",
+            nibabel_reads=False,
+        )
 
     gzip_damage("", lab_gz, lab_nii, ALL)
     gzip_damage("image_", img_gz, img_nii, IMAGE_INFER)  # the same damage to the 75 KB image (image channels only:
@@ -301,24 +371,79 @@ def bad_inputs() -> list[BadInput]:
     add("nii_truncated_in_header", lab_nii[:200], ALL, CANNOT_READ, "file", ext=".nii", nibabel_reads=False)
     add("nii_missing_last_byte", lab_nii[:-1], ALL, CANNOT_READ, "file", ext=".nii", nibabel_reads=False)
     add("nii_gz_truncated_in_data", gz(lab_nii[: 352 + 1000]), ALL, CANNOT_READ, "file", nibabel_reads=False)
-    add("nifti_bad_magic", gz(patch(lab_nii, magic=b"xyz")), ALL, CANNOT_READ + ("format",), "file", nibabel_reads=False)
-    add("nifti_vox_offset_past_end", gz(patch(lab_nii, vox_offset=10_000_000)), ALL, CANNOT_READ, "file", nibabel_reads=False)
-    add("nifti_negative_dim", gz(patch(lab_nii, dim=[3, 34, -52, 35, 1, 1, 1, 1])), ALL, CANNOT_READ + ("dimension",), "file",
-        nibabel_reads=False)
-    add("nifti_scl_inter_nan", gz(patch(lab_nii, scl_slope=1.0, scl_inter=np.nan)), ALL, CANNOT_READ + ("nan",), "file",
-        nibabel_reads=False)
-    add("datatype_binary_1bit", gz(patch(lab_nii, datatype=1, bitpix=1)), ALL, ("data type",) + CANNOT_READ, "file",
-        nibabel_reads=False)
-    add("datatype_unknown_code", gz(patch(lab_nii, datatype=9999)), ALL, ("data type",) + CANNOT_READ, "file",
-        nibabel_reads=False)
+    add(
+        "nifti_bad_magic", gz(patch(lab_nii, magic=b"xyz")), ALL, CANNOT_READ + ("format",), "file", nibabel_reads=False
+    )
+    add(
+        "nifti_vox_offset_past_end",
+        gz(patch(lab_nii, vox_offset=10_000_000)),
+        ALL,
+        CANNOT_READ,
+        "file",
+        nibabel_reads=False,
+    )
+    add(
+        "nifti_negative_dim",
+        gz(patch(lab_nii, dim=[3, 34, -52, 35, 1, 1, 1, 1])),
+        ALL,
+        CANNOT_READ + ("dimension",),
+        "file",
+        nibabel_reads=False,
+    )
+    add(
+        "nifti_scl_inter_nan",
+        gz(patch(lab_nii, scl_slope=1.0, scl_inter=np.nan)),
+        ALL,
+        CANNOT_READ + ("nan",),
+        "file",
+        nibabel_reads=False,
+    )
+    add(
+        "datatype_binary_1bit",
+        gz(patch(lab_nii, datatype=1, bitpix=1)),
+        ALL,
+        ("data type",) + CANNOT_READ,
+        "file",
+        nibabel_reads=False,
+    )
+    add(
+        "datatype_unknown_code",
+        gz(patch(lab_nii, datatype=9999)),
+        ALL,
+        ("data type",) + CANNOT_READ,
+        "file",
+        nibabel_reads=False,
+    )
     # too large: bytes, declared voxels, decompressed size
-    add("absurd_dims_nifti1", gz(patch(lab_nii, dim=[3, 32767, 32767, 32767, 1, 1, 1, 1])), ALL, ("voxels",), "file",
-        status=413, nibabel_reads=False)
+    add(
+        "absurd_dims_nifti1",
+        gz(patch(lab_nii, dim=[3, 32767, 32767, 32767, 1, 1, 1, 1])),
+        ALL,
+        ("voxels",),
+        "file",
+        status=413,
+        nibabel_reads=False,
+    )
     n2 = nii(label, aff, nifti2=True)
-    add("absurd_dims_nifti2", gz(patch(n2, nifti2=True, dim=[3, 100000, 100000, 100000, 1, 1, 1, 1])), ALL, ("voxels",), "file",
-        status=413, nibabel_reads=False)
+    add(
+        "absurd_dims_nifti2",
+        gz(patch(n2, nifti2=True, dim=[3, 100000, 100000, 100000, 1, 1, 1, 1])),
+        ALL,
+        ("voxels",),
+        "file",
+        status=413,
+        nibabel_reads=False,
+    )
     add("gzip_bomb", gzip_bomb(BOMB_SHAPE, aff), ALL, ("voxels",), "file", status=413)
-    add("oversized_random", rng.bytes((MAX_UPLOAD_MB + 1) << 20), ALL, ("too large",), "file", status=413, nibabel_reads=False)
+    add(
+        "oversized_random",
+        rng.bytes((MAX_UPLOAD_MB + 1) << 20),
+        ALL,
+        ("too large",),
+        "file",
+        status=413,
+        nibabel_reads=False,
+    )
 
     # -- file names: the payload is the stored label (a good image, label and inference input) ---------
     fmt = ("format",)
@@ -343,11 +468,27 @@ def bad_inputs() -> list[BadInput]:
     add("nan_one_voxel", gz(nii(with_values(one=np.nan), aff)), IMAGE_INFER, ("nan",), "value", nibabel_reads=True)
     add("nan_ten_percent", gz(nii(with_values(many=np.nan), aff)), IMAGE_INFER, ("nan",), "value", nibabel_reads=True)
     add("nan_all", gz(nii(with_values(all=np.nan), aff)), IMAGE_INFER, ("nan",), "value", nibabel_reads=True)
-    add("nan_float64", gz(nii(with_values(one=np.nan).astype(np.float64), aff)), IMAGE_INFER, ("nan",), "value", nibabel_reads=True)
+    add(
+        "nan_float64",
+        gz(nii(with_values(one=np.nan).astype(np.float64), aff)),
+        IMAGE_INFER,
+        ("nan",),
+        "value",
+        nibabel_reads=True,
+    )
     add("posinf_one_voxel", gz(nii(with_values(one=np.inf), aff)), IMAGE_INFER, ("inf",), "value", nibabel_reads=True)
     add("neginf_one_voxel", gz(nii(with_values(one=-np.inf), aff)), IMAGE_INFER, ("inf",), "value", nibabel_reads=True)
-    add("posinf_ten_percent", gz(nii(with_values(many=np.inf), aff)), IMAGE_INFER, ("inf",), "value", nibabel_reads=True)
-    add("complex64_image", gz(nii(image.astype(np.complex64), aff)), IMAGE_INFER, ("data type",), "value", nibabel_reads=True)
+    add(
+        "posinf_ten_percent", gz(nii(with_values(many=np.inf), aff)), IMAGE_INFER, ("inf",), "value", nibabel_reads=True
+    )
+    add(
+        "complex64_image",
+        gz(nii(image.astype(np.complex64), aff)),
+        IMAGE_INFER,
+        ("data type",),
+        "value",
+        nibabel_reads=True,
+    )
     rgb_dt = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
     grey = np.clip(image / image.max() * 255, 0, 255).astype(np.uint8)
     rgb = np.zeros(image.shape, rgb_dt)
@@ -366,32 +507,84 @@ def bad_inputs() -> list[BadInput]:
     inf_aff[0, 3] = np.inf  # an infinite origin
     singular_aff[:3, 1] = 0.0  # a zero column: the y axis has no direction
     bad_affines = {"nan": nan_aff, "inf": inf_aff, "zero_column": singular_aff, "all_zero": np.zeros((4, 4))}
-    for base, (payload_arr, targets, prefix) in {"image": (img_nii, IMAGE_INFER, "affine"), "label": (lab_nii, LABEL, "label_affine")}.items():
+    for base, (payload_arr, targets, prefix) in {
+        "image": (img_nii, IMAGE_INFER, "affine"),
+        "label": (lab_nii, LABEL, "label_affine"),
+    }.items():
         for what, a in bad_affines.items():
-            add(f"{prefix}_sform_{what}", gz(patch(payload_arr, **affine_fields(a))), targets, ("affine",), "geometry" if base == "image" else "label",
-                nibabel_reads=True)
+            add(
+                f"{prefix}_sform_{what}",
+                gz(patch(payload_arr, **affine_fields(a))),
+                targets,
+                ("affine",),
+                "geometry" if base == "image" else "label",
+                nibabel_reads=True,
+            )
         # qform used (sform off): a NaN quaternion, an infinite offset (a quaternion affine cannot be
         # singular; a zero voxel size nibabel silently repairs to 1, so it is not used here)
-        add(f"{prefix}_qform_nan", gz(patch(payload_arr, qform_code=1, sform_code=0, quatern_b=np.nan)), targets, ("affine",),
-            "geometry" if base == "image" else "label")
-        add(f"{prefix}_qform_inf", gz(patch(payload_arr, qform_code=1, sform_code=0, qoffset_x=np.inf)), targets, ("affine",),
-            "geometry" if base == "image" else "label")
+        add(
+            f"{prefix}_qform_nan",
+            gz(patch(payload_arr, qform_code=1, sform_code=0, quatern_b=np.nan)),
+            targets,
+            ("affine",),
+            "geometry" if base == "image" else "label",
+        )
+        add(
+            f"{prefix}_qform_inf",
+            gz(patch(payload_arr, qform_code=1, sform_code=0, qoffset_x=np.inf)),
+            targets,
+            ("affine",),
+            "geometry" if base == "image" else "label",
+        )
 
     # -- dimensions: built on the label data (a good image and label), so each channel sees one defect -----
     dims = ("dimension", "shape")
     add("slice_2d", gz(nii(label[:, :, 17].copy(), aff)), LABEL_INFER, dims, "dimension", nibabel_reads=True)
-    add("channels_2", gz(nii(np.stack([label] * 2, -1), aff)), LABEL_INFER, ("channel",) + dims, "dimension", nibabel_reads=True)
-    add("channels_5", gz(nii(np.stack([label] * 5, -1), aff)), LABEL_INFER, ("channel",) + dims, "dimension", nibabel_reads=True)
-    add("five_d", gz(nii(np.stack([label] * 2, -1)[..., None, :], aff)), ALL, ("dimension", "shape", "channel"), "dimension",
-        nibabel_reads=True)
+    add(
+        "channels_2",
+        gz(nii(np.stack([label] * 2, -1), aff)),
+        LABEL_INFER,
+        ("channel",) + dims,
+        "dimension",
+        nibabel_reads=True,
+    )
+    add(
+        "channels_5",
+        gz(nii(np.stack([label] * 5, -1), aff)),
+        LABEL_INFER,
+        ("channel",) + dims,
+        "dimension",
+        nibabel_reads=True,
+    )
+    add(
+        "five_d",
+        gz(nii(np.stack([label] * 2, -1)[..., None, :], aff)),
+        ALL,
+        ("dimension", "shape", "channel"),
+        "dimension",
+        nibabel_reads=True,
+    )
     line = np.zeros((1, 1, 64), np.float32)
     line[0, 0, 20:40] = 1
     # a 1x1x64 image is servable (padded to the window; the label comes back 1x1x64, tested in
     # test_server_sharing.py): it is bad only as the label of a 34x52x35 image
     add("line_1x1x64", gz(nii(line, aff)), LABEL, ("dimension", "shape", "too small"), "dimension", nibabel_reads=True)
-    add("zero_size_axis", gz(nii(np.zeros((0, 10, 10), np.float32), aff)), ALL, ("dimension", "shape", "empty"), "dimension",
-        nibabel_reads=True)
-    add("ndim_zero", gz(patch(lab_nii, dim=[0, 34, 52, 35, 1, 1, 1, 1])), ALL, ("dimension", "shape"), "dimension", nibabel_reads=True)
+    add(
+        "zero_size_axis",
+        gz(nii(np.zeros((0, 10, 10), np.float32), aff)),
+        ALL,
+        ("dimension", "shape", "empty"),
+        "dimension",
+        nibabel_reads=True,
+    )
+    add(
+        "ndim_zero",
+        gz(patch(lab_nii, dim=[0, 34, 52, 35, 1, 1, 1, 1])),
+        ALL,
+        ("dimension", "shape"),
+        "dimension",
+        nibabel_reads=True,
+    )
 
     # -- labels only (each a good image; the label carries one defect) --------------------------------------
     def lab_with(value: float, dtype: object = np.float32, n: int = 1) -> np.ndarray:
@@ -402,16 +595,47 @@ def bad_inputs() -> list[BadInput]:
         return a
 
     add("label_value_7", gz(nii(lab_with(7), aff)), LABEL, ("values",), "label", mentions=("7",), nibabel_reads=True)
-    add("label_value_3", gz(nii(lab_with(3, np.uint8), aff)), LABEL, ("values",), "label", mentions=("3",), nibabel_reads=True)
-    add("label_value_255_uint8", gz(nii(lab_with(255, np.uint8, n=50), aff)), LABEL, ("values",), "label", mentions=("255",),
-        nibabel_reads=True)
-    add("label_value_2pow40_int64", gz(nii(lab_with(2**40, np.int64), aff, dtype=np.int64)), LABEL, ("values",), "label",
-        mentions=(str(2**40),), nibabel_reads=True)
+    add(
+        "label_value_3",
+        gz(nii(lab_with(3, np.uint8), aff)),
+        LABEL,
+        ("values",),
+        "label",
+        mentions=("3",),
+        nibabel_reads=True,
+    )
+    add(
+        "label_value_255_uint8",
+        gz(nii(lab_with(255, np.uint8, n=50), aff)),
+        LABEL,
+        ("values",),
+        "label",
+        mentions=("255",),
+        nibabel_reads=True,
+    )
+    add(
+        "label_value_2pow40_int64",
+        gz(nii(lab_with(2**40, np.int64), aff, dtype=np.int64)),
+        LABEL,
+        ("values",),
+        "label",
+        mentions=(str(2**40),),
+        nibabel_reads=True,
+    )
     add("label_value_3e38_float32", gz(nii(lab_with(3e38), aff)), LABEL, ("values",), "label", nibabel_reads=True)
     add("label_fraction_0_5", gz(nii(lab_with(0.5), aff)), LABEL, ("integer",), "label", nibabel_reads=True)
     add("label_fraction_1_5", gz(nii(lab_with(1.5), aff)), LABEL, ("integer",), "label", nibabel_reads=True)
-    add("label_negative_1_int16", gz(nii(lab_with(-1, np.int16), aff)), LABEL, ("values", "negative"), "label", nibabel_reads=True)
-    add("label_negative_1_float", gz(nii(lab_with(-1), aff)), LABEL, ("values", "negative"), "label", nibabel_reads=True)
+    add(
+        "label_negative_1_int16",
+        gz(nii(lab_with(-1, np.int16), aff)),
+        LABEL,
+        ("values", "negative"),
+        "label",
+        nibabel_reads=True,
+    )
+    add(
+        "label_negative_1_float", gz(nii(lab_with(-1), aff)), LABEL, ("values", "negative"), "label", nibabel_reads=True
+    )
     add("label_nan", gz(nii(lab_with(np.nan), aff)), LABEL, ("nan", "integer"), "label", nibabel_reads=True)
     add("label_posinf", gz(nii(lab_with(np.inf), aff)), LABEL, ("inf", "integer"), "label", nibabel_reads=True)
     add("label_complex64", gz(nii(label.astype(np.complex64), aff)), LABEL, ("data type",), "label", nibabel_reads=True)
@@ -420,13 +644,33 @@ def bad_inputs() -> list[BadInput]:
     add("label_rgb24", gz(nii(lrgb, aff)), LABEL, ("data type",), "label", nibabel_reads=True)
     add("label_is_the_image", img_gz, LABEL, ("integer", "values"), "label", nibabel_reads=True)
     add("label_all_zero", gz(nii(np.zeros_like(label, np.uint8), aff)), LABEL, ("empty",), "label", nibabel_reads=True)
-    add("label_constant_1", gz(nii(np.ones_like(label, np.uint8), aff)), LABEL, ("constant",), "label", nibabel_reads=True)
-    add("label_constant_2", gz(nii(np.full_like(label, 2, np.uint8), aff)), LABEL, ("constant",), "label", nibabel_reads=True)
+    add(
+        "label_constant_1",
+        gz(nii(np.ones_like(label, np.uint8), aff)),
+        LABEL,
+        ("constant",),
+        "label",
+        nibabel_reads=True,
+    )
+    add(
+        "label_constant_2",
+        gz(nii(np.full_like(label, 2, np.uint8), aff)),
+        LABEL,
+        ("constant",),
+        "label",
+        nibabel_reads=True,
+    )
     small = np.zeros((20, 20, 20), np.uint8)
     small[5:10, 5:10, 5:10], small[10:15, 10:15, 10:15] = 1, 2
     add("label_wrong_shape", gz(nii(small, aff)), LABEL, ("shape",), "label", nibabel_reads=True)
-    add("label_one_voxel_more_x", gz(nii(np.concatenate([label, np.zeros_like(label[:1])], 0), aff)), LABEL, ("shape",), "label",
-        nibabel_reads=True)
+    add(
+        "label_one_voxel_more_x",
+        gz(nii(np.concatenate([label, np.zeros_like(label[:1])], 0), aff)),
+        LABEL,
+        ("shape",),
+        "label",
+        nibabel_reads=True,
+    )
     add("label_one_voxel_less_z", gz(nii(label[:, :, :-1].copy(), aff)), LABEL, ("shape",), "label", nibabel_reads=True)
     shifted = aff.copy()
     shifted[0, 3] += 50.0
@@ -479,9 +723,25 @@ def bad_params() -> list[BadParam]:
         BadParam("output_dicom_seg", {"image": INFER_IMAGE_ID, "output": "dicom_seg"}, "{}", 422, ("dicom_seg",)),
         BadParam("output_xml", {"image": INFER_IMAGE_ID, "output": "xml"}, "{}", 422, ("output",)),
         BadParam("no_image_no_file", {"output": "image"}, "{}", 422, ("image",)),
-        BadParam("image_parent_path", {"image": "../../etc/passwd", "output": "image"}, "{}", 422, ("image",), also_status=(404,)),
-        BadParam("image_absolute_path", {"image": "/etc/passwd", "output": "image"}, "{}", 422, ("image",), also_status=(404,)),
-        BadParam("image_unknown_id", {"image": "no_such_study_42", "output": "image"}, "{}", 404, ("no_such_study_42",)),
+        BadParam(
+            "image_parent_path",
+            {"image": "../../etc/passwd", "output": "image"},
+            "{}",
+            422,
+            ("image",),
+            also_status=(404,),
+        ),
+        BadParam(
+            "image_absolute_path",
+            {"image": "/etc/passwd", "output": "image"},
+            "{}",
+            422,
+            ("image",),
+            also_status=(404,),
+        ),
+        BadParam(
+            "image_unknown_id", {"image": "no_such_study_42", "output": "image"}, "{}", 404, ("no_such_study_42",)
+        ),
     ]
     return out
 
@@ -505,6 +765,7 @@ def bad_train_bodies() -> list[BadTrain]:
 
 
 # ---- sanity ---------------------------------------------------------------------------------------------
+
 
 def nibabel_outcome(b: BadInput) -> str:
     """What ``nib.load`` + reading the data makes of the payload: 'ok <shape> <dtype> ...' or the
@@ -555,7 +816,12 @@ def check() -> list[str]:
 
 if __name__ == "__main__":
     for b in bad_inputs():
-        print(f"{b.name:34s} {len(b.payload):>9d} {','.join(sorted(b.targets)):17s} {b.status} {'/'.join(b.keywords):30s} {nibabel_outcome(b)}")
-    print(f"{len(bad_inputs())} inputs, {sum(len(b.targets) for b in bad_inputs())} cases; "
-          f"{len(bad_params())} bad params; {len(bad_train_bodies())} bad train bodies")
+        print(
+            f"{b.name:34s} {len(b.payload):>9d} {','.join(sorted(b.targets)):17s} {b.status} "
+            f"{'/'.join(b.keywords):30s} {nibabel_outcome(b)}"
+        )
+    print(
+        f"{len(bad_inputs())} inputs, {sum(len(b.targets) for b in bad_inputs())} cases; "
+        f"{len(bad_params())} bad params; {len(bad_train_bodies())} bad train bodies"
+    )
     print("problems:", check() or "none")

@@ -22,8 +22,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 CLIENT_ID = "monailabel-app"
-ROLES = {"user": "monailabel-user", "annotator": "monailabel-annotator", "reviewer": "monailabel-reviewer",
-         "admin": "monailabel-admin"}
+ROLES = {
+    "user": "monailabel-user",
+    "annotator": "monailabel-annotator",
+    "reviewer": "monailabel-reviewer",
+    "admin": "monailabel-admin",
+}
 
 
 def new_key() -> rsa.RSAPrivateKey:
@@ -40,7 +44,7 @@ class StandInRealm:
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}/realms/{name}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "StandInRealm":
+    def __enter__(self) -> StandInRealm:
         self.thread.start()
         return self
 
@@ -49,14 +53,34 @@ class StandInRealm:
         self.server.server_close()
 
     def public_key_b64(self) -> str:
-        der = self.key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        der = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         return base64.b64encode(der).decode()
 
-    def mint(self, username: str, roles: list[str], *, expires_in: float = 300, issuer: str | None = None,
-             audience: str | list[str] = CLIENT_ID, key: rsa.RSAPrivateKey | None = None, **claims: Any) -> str:
+    def mint(
+        self,
+        username: str,
+        roles: list[str],
+        *,
+        expires_in: float = 300,
+        issuer: str | None = None,
+        audience: str | list[str] = CLIENT_ID,
+        key: rsa.RSAPrivateKey | None = None,
+        **claims: Any,
+    ) -> str:
         now = int(time.time())
-        payload = {"sub": f"id-{username}", "preferred_username": username, "iss": issuer or self.uri, "aud": audience,
-                   "azp": CLIENT_ID, "iat": now, "exp": now + int(expires_in), "realm_access": {"roles": roles}, **claims}
+        payload = {
+            "sub": f"id-{username}",
+            "preferred_username": username,
+            "iss": issuer or self.uri,
+            "aud": audience,
+            "azp": CLIENT_ID,
+            "iat": now,
+            "exp": now + int(expires_in),
+            "realm_access": {"roles": roles},
+            **claims,
+        }
         payload = {k: v for k, v in payload.items() if v is not None}  # exp=None: a token without expiry
         return jwt.encode(payload, key or self.key, algorithm="RS256")
 
@@ -80,7 +104,9 @@ class StandInRealm:
                 if self.path == path:
                     self._json(200, {"realm": path.rsplit("/", 1)[-1], "public_key": realm.public_key_b64()})
                 elif self.path == f"{path}/.well-known/openid-configuration":
-                    self._json(200, {"issuer": realm.uri, "token_endpoint": f"{realm.uri}/protocol/openid-connect/token"})
+                    self._json(
+                        200, {"issuer": realm.uri, "token_endpoint": f"{realm.uri}/protocol/openid-connect/token"}
+                    )
                 else:
                     self._json(404, {"error": "not found"})
 

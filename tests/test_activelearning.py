@@ -17,7 +17,8 @@ SAMPLE = ROOT / "sample"
 
 
 def studies_with_ambiguous_case(folder: Path) -> Path:
-    """Two unlabelled studies: a clean hippocampus MRI and the same one drowned in noise (ambiguous), plus one labelled."""
+    """Two unlabelled studies: a clean hippocampus MRI and the same one drowned in noise (ambiguous),
+    plus one labelled."""
     (folder / "labels" / "final").mkdir(parents=True)
     shutil.copy(SAMPLE / "studies" / "hippocampus_015.nii.gz", folder / "clean.nii.gz")
     img = nib.load(SAMPLE / "studies" / "hippocampus_015.nii.gz")
@@ -26,12 +27,20 @@ def studies_with_ambiguous_case(folder: Path) -> Path:
     noisy = arr + rng.normal(0, 1.0 * arr[arr > 0].std(), arr.shape).astype(np.float32)
     nib.save(nib.Nifti1Image(noisy, img.affine), folder / "ambiguous.nii.gz")
     shutil.copy(SAMPLE / "studies" / "hippocampus_003.nii.gz", folder / "labelled.nii.gz")
-    shutil.copy(SAMPLE / "studies" / "labels" / "final" / "hippocampus_003.nii.gz", folder / "labels" / "final" / "labelled.nii.gz")
+    shutil.copy(
+        SAMPLE / "studies" / "labels" / "final" / "hippocampus_003.nii.gz",
+        folder / "labels" / "final" / "labelled.nii.gz",
+    )
     return folder
 
 
-CONF = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "tracking": "none",
-        "unet3d.pretrained": str(SAMPLE / "models" / "unet3d_hippocampus_small.pt")}
+CONF = {
+    "models": "unet3d",
+    "preset": "small",
+    "roi_size": "40,56,40",
+    "tracking": "none",
+    "unet3d.pretrained": str(SAMPLE / "models" / "unet3d_hippocampus_small.pt"),
+}
 
 
 def test_uncertainty_ranks_ambiguous_above_clean_and_leases(tmp_path: Path) -> None:
@@ -53,6 +62,7 @@ def test_uncertainty_ranks_ambiguous_above_clean_and_leases(tmp_path: Path) -> N
 
 def test_epistemic_mc_dropout_ranks_ambiguous_first_and_refuses_without_dropout(tmp_path: Path) -> None:
     from fastapi import HTTPException
+
     from lib.infers.base import ModelNotReady
     from main import UNetSegApp
 
@@ -82,8 +92,13 @@ def test_epistemic_mc_dropout_ranks_ambiguous_first_and_refuses_without_dropout(
     assert info["epistemic_unet3d"] == pytest.approx(scores["clean"])
     assert info["epistemic_unet3d_signature"]["dropout"] == 0.2
     first = app.next_sample({"strategy": "epistemic", "dropout": 0.2, "samples": 4})
-    assert first["id"] == "ambiguous" and first["score_kind"] == "epistemic" and first["score"] == pytest.approx(scores["ambiguous"])
-    assert app.next_sample({"strategy": "epistemic", "dropout": 0.2, "samples": 4})["id"] == "clean"  # leased: not twice
+    assert (
+        first["id"] == "ambiguous"
+        and first["score_kind"] == "epistemic"
+        and first["score"] == pytest.approx(scores["ambiguous"])
+    )
+    # leased: not twice
+    assert app.next_sample({"strategy": "epistemic", "dropout": 0.2, "samples": 4})["id"] == "clean"
     with pytest.raises(HTTPException) as err:
         app.next_sample({"strategy": "bald"})
     assert err.value.status_code == 404 and "epistemic" in err.value.detail
@@ -113,11 +128,22 @@ def test_submitting_labels_triggers_retraining_and_a_newer_model(tmp_path: Path)
     import time
 
     studies = studies_with_ambiguous_case(tmp_path / "studies")
-    conf = dict(CONF, model_dir=str(tmp_path / "model"), auto_retrain_after="2", max_epochs="1", roi_size="16",
-                preset="tiny", dropout="0.2")
+    conf = dict(
+        CONF,
+        model_dir=str(tmp_path / "model"),
+        auto_retrain_after="2",
+        max_epochs="1",
+        roi_size="16",
+        preset="tiny",
+        dropout="0.2",
+        promotion="always",  # the loop itself is tested here; the promotion gate in test_model_lifecycle
+    )
     conf.pop("unet3d.pretrained")
     shutil.copy(SAMPLE / "studies" / "hippocampus_004.nii.gz", studies / "labelled2.nii.gz")
-    shutil.copy(SAMPLE / "studies" / "labels" / "final" / "hippocampus_004.nii.gz", studies / "labels" / "final" / "labelled2.nii.gz")
+    shutil.copy(
+        SAMPLE / "studies" / "labels" / "final" / "hippocampus_004.nii.gz",
+        studies / "labels" / "final" / "labelled2.nii.gz",
+    )
     shutil.copy(SAMPLE / "studies" / "hippocampus_020.nii.gz", studies / "extra.nii.gz")  # stays unlabelled
     with running_server(studies, conf, tmp_path / "server.log") as srv:
         r = requests.post(f"{srv.url}/train/unet3d", json={"val_split": 0.5}, timeout=60)
@@ -129,8 +155,12 @@ def test_submitting_labels_triggers_retraining_and_a_newer_model(tmp_path: Path)
             nxt = requests.post(f"{srv.url}/activelearning/first", json={}, timeout=60).json()
             assert nxt["id"] == image_id
             t0 = time.time()
-            seg = requests.post(f"{srv.url}/infer/unet3d", params={"image": image_id, "output": "image"},
-                                data={"params": json.dumps({"tta": True})}, timeout=300)
+            seg = requests.post(
+                f"{srv.url}/infer/unet3d",
+                params={"image": image_id, "output": "image"},
+                data={"params": json.dumps({"tta": True})},
+                timeout=300,
+            )
             assert seg.status_code == 200, seg.text
             timings[f"infer_{image_id}_s"] = round(time.time() - t0, 2)
             # the annotator corrects the server's segmentation (here: paints both structures near the centre)
@@ -138,11 +168,15 @@ def test_submitting_labels_triggers_retraining_and_a_newer_model(tmp_path: Path)
             result = nib.load(tmp_path / "seg.nii.gz")
             arr = np.asanyarray(result.dataobj).astype(np.uint8)
             c = [s // 2 for s in arr.shape]
-            arr[c[0] - 3:c[0], c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = 1
-            arr[c[0]:c[0] + 3, c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = 2
+            arr[c[0] - 3 : c[0], c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3] = 1
+            arr[c[0] : c[0] + 3, c[1] - 3 : c[1] + 3, c[2] - 3 : c[2] + 3] = 2
             nib.save(nib.Nifti1Image(arr, result.affine), tmp_path / "corrected.nii.gz")
-            r = requests.put(f"{srv.url}/datastore/label", params={"image": image_id, "tag": "final"},
-                             files={"label": ("corrected.nii.gz", (tmp_path / "corrected.nii.gz").read_bytes())}, timeout=60)
+            r = requests.put(
+                f"{srv.url}/datastore/label",
+                params={"image": image_id, "tag": "final"},
+                files={"label": ("corrected.nii.gz", (tmp_path / "corrected.nii.gz").read_bytes())},
+                timeout=60,
+            )
             assert r.status_code == 200, r.text
         body = r.json()
         assert body["retrain"]["model"] == "unet3d" and body["retrain"]["task"], body

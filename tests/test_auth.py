@@ -11,7 +11,6 @@ import json
 import shutil
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -40,9 +39,20 @@ def secured(tmp_path_factory: pytest.TempPathFactory, realm: StandInRealm) -> It
     base = tmp_path_factory.mktemp("auth")
     studies = base / "studies"
     shutil.copytree(ROOT / "sample" / "studies", studies)
-    conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "unet3d.pretrained": str(SAMPLE_MODEL),
-            "model_dir": str(base / "model"), "tracking": "none", "auto_retrain_after": "0"}
-    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.uri, "MONAI_LABEL_AUTH_CLIENT_ID": CLIENT_ID}
+    conf = {
+        "models": "unet3d",
+        "preset": "small",
+        "roi_size": "40,56,40",
+        "unet3d.pretrained": str(SAMPLE_MODEL),
+        "model_dir": str(base / "model"),
+        "tracking": "none",
+        "auto_retrain_after": "0",
+    }
+    env = {
+        "MONAI_LABEL_AUTH_ENABLE": "true",
+        "MONAI_LABEL_AUTH_REALM_URI": realm.uri,
+        "MONAI_LABEL_AUTH_CLIENT_ID": CLIENT_ID,
+    }
     with running_server(studies, conf, base / "server.log", env=env) as srv:
         yield srv
 
@@ -91,11 +101,21 @@ MATRIX = [
     ("GET", "/info/", {}, "user"),
     ("GET", "/datastore/", {"params": {"output": "stats"}}, "user"),
     ("GET", "/datastore/image", {"params": {"image": "hippocampus_015"}}, "user"),
-    ("POST", "/infer/unet3d", {"params": {"image": "hippocampus_015", "output": "json"}, "data": {"params": "{}"}}, "user"),
+    (
+        "POST",
+        "/infer/unet3d",
+        {"params": {"image": "hippocampus_015", "output": "json"}, "data": {"params": "{}"}},
+        "user",
+    ),
     ("POST", "/activelearning/first", {"json": {}}, "user"),
     ("GET", "/train/", {}, "user"),
     ("PUT", "/datastore/image", {"params": {"image": "auth_upload"}, "files": "IMAGE"}, "annotator"),
-    ("PUT", "/datastore/label", {"params": {"image": "hippocampus_020", "tag": "final"}, "files": "LABEL"}, "annotator"),
+    (
+        "PUT",
+        "/datastore/label",
+        {"params": {"image": "hippocampus_020", "tag": "final"}, "files": "LABEL"},
+        "annotator",
+    ),
     ("POST", "/scoring/nosuch", {"json": {}}, "annotator"),
     ("POST", "/train/nosuch", {"json": {}}, "reviewer"),
     ("DELETE", "/train/", {}, "reviewer"),
@@ -114,7 +134,9 @@ def test_role_matrix(secured: Server, realm: StandInRealm, method: str, path: st
             kw["files"] = {"file": ("a.nii.gz", (secured.studies / "hippocampus_015.nii.gz").read_bytes())}
         elif kw.get("files") == "LABEL":
             kw["files"] = {"label": ("l.nii.gz", label_bytes(secured, "hippocampus_020"))}
-        return requests.request(method, f"{secured.url}{path}", headers=bearer(token) if token else {}, timeout=120, **kw)
+        return requests.request(
+            method, f"{secured.url}{path}", headers=bearer(token) if token else {}, timeout=120, **kw
+        )
 
     assert send(None).status_code == 401
     level = LEVELS.index(role)
@@ -133,12 +155,22 @@ def test_replacing_a_final_label_needs_a_reviewer(secured: Server, realm: StandI
     stored = secured.studies / "labels" / "final" / "hippocampus_003.nii.gz"
     before = stored.read_bytes()
     files = {"label": ("l.nii.gz", label_bytes(secured, "hippocampus_003"))}
-    r = requests.put(f"{secured.url}/datastore/label", params={"image": "hippocampus_003", "tag": "final"}, files=files,
-                     headers=bearer(realm.mint("annotator1", [ROLES["annotator"]])), timeout=60)
+    r = requests.put(
+        f"{secured.url}/datastore/label",
+        params={"image": "hippocampus_003", "tag": "final"},
+        files=files,
+        headers=bearer(realm.mint("annotator1", [ROLES["annotator"]])),
+        timeout=60,
+    )
     assert r.status_code == 403 and "replacing the final label" in r.json()["detail"]
     assert stored.read_bytes() == before
-    r = requests.put(f"{secured.url}/datastore/label", params={"image": "hippocampus_003", "tag": "final"}, files=files,
-                     headers=bearer(realm.mint("reviewer1", [ROLES["reviewer"]])), timeout=60)
+    r = requests.put(
+        f"{secured.url}/datastore/label",
+        params={"image": "hippocampus_003", "tag": "final"},
+        files=files,
+        headers=bearer(realm.mint("reviewer1", [ROLES["reviewer"]])),
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert stored.read_bytes() != before
 
@@ -158,6 +190,8 @@ def test_login_through_the_server_and_the_client(secured: Server) -> None:
     with pytest.raises(ServerError) as e:
         client.train_start("unet3d", max_epochs=1)
     assert e.value.status == 403 and "may not" in str(e.value)
-    token = requests.post(f"{secured.url}/auth/token", data={"username": "user1", "password": "pw-user"}, timeout=30).json()
+    token = requests.post(
+        f"{secured.url}/auth/token", data={"username": "user1", "password": "pw-user"}, timeout=30
+    ).json()
     assert requests.get(f"{secured.url}/info/", headers=bearer(token["access_token"]), timeout=30).status_code == 200
     assert json.dumps(token).count(".") >= 2  # a JWT came back

@@ -23,8 +23,24 @@ import numpy as np
 import pytest
 import requests
 
-from badinputs import (INFER_IMAGE_ID, LABEL_IMAGE_ID, MAX_UPLOAD_MB, MAX_VOXELS, BadInput, BadParam, BadTrain, bad_inputs,
-                       bad_params, bad_train_bodies, check, detail_text, good_image, good_label, has_keyword, mentions_all)
+from badinputs import (
+    INFER_IMAGE_ID,
+    LABEL_IMAGE_ID,
+    MAX_UPLOAD_MB,
+    MAX_VOXELS,
+    BadInput,
+    BadParam,
+    BadTrain,
+    bad_inputs,
+    bad_params,
+    bad_train_bodies,
+    check,
+    detail_text,
+    good_image,
+    good_label,
+    has_keyword,
+    mentions_all,
+)
 from conftest import ROOT, Server, running_server
 
 SAMPLE = ROOT / "sample" / "studies"
@@ -49,8 +65,10 @@ class Ctx:
     tmpdir: Path
     labels_before: dict[str, bytes]
     ids_before: set[str]
-    tmp_at_start: set[str]  # what the server left in its TMPDIR while starting (MONAI Label's logging config, torch's cache dir)
-    escape_targets: dict[Path, bool] = field(default_factory=dict)  # where a '../../etc/x.nii.gz' name could land; existed before?
+    # what the server left in its TMPDIR while starting (MONAI Label's logging config, torch's cache dir)
+    tmp_at_start: set[str]
+    # where a '../../etc/x.nii.gz' name could land; existed before?
+    escape_targets: dict[Path, bool] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -74,18 +92,39 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
     shutil.copytree(SAMPLE, studies)
     tmpdir = base / "server_tmp"
     tmpdir.mkdir()
-    conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "unet3d.pretrained": str(PRETRAINED),
-            "tracking": "none", "model_dir": str(base / "model"), "max_upload_mb": str(MAX_UPLOAD_MB),
-            "max_voxels": str(MAX_VOXELS), "auto_retrain_after": "0",
-            "admin_without_auth": "true"}  # the cases clean up with DELETE /datastore/image
-    print(f"\nbad inputs: {len(INPUTS)} inputs -> {len(CASES)} upload/infer cases; {len(PARAMS)} bad /infer requests; "
-          f"{len(TRAIN)} bad /train bodies; {len(CASES) + len(PARAMS) + len(TRAIN)} cases in all")
+    conf = {
+        "models": "unet3d",
+        "preset": "small",
+        "roi_size": "40,56,40",
+        "unet3d.pretrained": str(PRETRAINED),
+        "tracking": "none",
+        "model_dir": str(base / "model"),
+        "max_upload_mb": str(MAX_UPLOAD_MB),
+        "max_voxels": str(MAX_VOXELS),
+        "auto_retrain_after": "0",
+        "admin_without_auth": "true",  # the cases clean up with DELETE /datastore/image
+    }
+    print(
+        f"\nbad inputs: {len(INPUTS)} inputs -> {len(CASES)} upload/infer cases; {len(PARAMS)} bad /infer requests; "
+        f"{len(TRAIN)} bad /train bodies; {len(CASES) + len(PARAMS) + len(TRAIN)} cases in all"
+    )
     with running_server(studies, conf, base / "server.log", env={"TMPDIR": str(tmpdir)}) as srv:
-        escape = {(d / "../../etc/x.nii.gz").resolve() for d in (studies, studies / "labels" / "final", tmpdir, ROOT, ROOT / "apps" / "unet_seg")}
+        escape = {
+            (d / "../../etc/x.nii.gz").resolve()
+            for d in (studies, studies / "labels" / "final", tmpdir, ROOT, ROOT / "apps" / "unet_seg")
+        }
         at_start = {str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*")}
         print(f"server TMPDIR after start-up: {sorted(at_start) or 'empty'}")
-        yield Ctx(server=srv, base=base, studies=studies, tmpdir=tmpdir, labels_before=label_files(studies),
-                  ids_before=datastore_ids(srv.url), tmp_at_start=at_start, escape_targets={p: p.exists() for p in escape})
+        yield Ctx(
+            server=srv,
+            base=base,
+            studies=studies,
+            tmpdir=tmpdir,
+            labels_before=label_files(studies),
+            ids_before=datastore_ids(srv.url),
+            tmp_at_start=at_start,
+            escape_targets={p: p.exists() for p in escape},
+        )
 
 
 def forbidden_paths(c: Ctx) -> list[str]:
@@ -94,8 +133,14 @@ def forbidden_paths(c: Ctx) -> list[str]:
     return sorted(paths, key=len)
 
 
-def reply_problems(c: Ctx, r: requests.Response, status: int, also: tuple[int, ...], keywords: tuple[str, ...],
-                   mentions: tuple[str, ...] = ()) -> list[str]:
+def reply_problems(
+    c: Ctx,
+    r: requests.Response,
+    status: int,
+    also: tuple[int, ...],
+    keywords: tuple[str, ...],
+    mentions: tuple[str, ...] = (),
+) -> list[str]:
     """What is wrong with a reply to a bad request (empty when it is right)."""
     problems = []
     try:
@@ -131,15 +176,28 @@ def send(c: Ctx, bad: BadInput, channel: str) -> requests.Response:
     upload = (bad.filename, bad.payload, "application/octet-stream")
     form = {"params": "{}"}
     if channel == "image":
-        return requests.put(f"{c.url}/datastore/image", params={"image": f"bad_{bad.name}"}, files={"file": upload}, data=form,
-                            timeout=TIMEOUT)
+        return requests.put(
+            f"{c.url}/datastore/image",
+            params={"image": f"bad_{bad.name}"},
+            files={"file": upload},
+            data=form,
+            timeout=TIMEOUT,
+        )
     if channel == "label":
-        return requests.put(f"{c.url}/datastore/label", params={"image": LABEL_IMAGE_ID, "tag": "final"}, files={"label": upload},
-                            data=form, timeout=TIMEOUT)
-    return requests.post(f"{c.url}/infer/unet3d", params={"output": "image"}, files={"file": upload}, data=form, timeout=TIMEOUT)
+        return requests.put(
+            f"{c.url}/datastore/label",
+            params={"image": LABEL_IMAGE_ID, "tag": "final"},
+            files={"label": upload},
+            data=form,
+            timeout=TIMEOUT,
+        )
+    return requests.post(
+        f"{c.url}/infer/unet3d", params={"output": "image"}, files={"file": upload}, data=form, timeout=TIMEOUT
+    )
 
 
 # ---- the generator itself (no server) -------------------------------------------------------------
+
 
 def test_generator_is_sound() -> None:
     assert check() == []
@@ -153,18 +211,34 @@ def test_generator_is_sound() -> None:
 
 # ---- controls: the good bases are accepted (so each defect is what is refused) ------------------------
 
+
 def test_controls_accepted(ctx: Ctx, tmp_path: Path) -> None:
     url = ctx.url
-    r = requests.put(f"{url}/datastore/image", params={"image": "ctl_good_image"}, files={"file": ("good.nii.gz", good_image())},
-                     data={"params": "{}"}, timeout=TIMEOUT)
+    r = requests.put(
+        f"{url}/datastore/image",
+        params={"image": "ctl_good_image"},
+        files={"file": ("good.nii.gz", good_image())},
+        data={"params": "{}"},
+        timeout=TIMEOUT,
+    )
     assert r.status_code == 200, r.text
-    r = requests.put(f"{url}/datastore/label", params={"image": "ctl_good_image", "tag": "final"},
-                     files={"label": ("good.nii.gz", good_label())}, data={"params": "{}"}, timeout=TIMEOUT)
+    r = requests.put(
+        f"{url}/datastore/label",
+        params={"image": "ctl_good_image", "tag": "final"},
+        files={"label": ("good.nii.gz", good_label())},
+        data={"params": "{}"},
+        timeout=TIMEOUT,
+    )
     assert r.status_code == 200, r.text
     r = requests.delete(f"{url}/datastore/image", params={"id": "ctl_good_image"}, timeout=30)  # its label goes with it
     assert r.status_code == 200, r.text
-    r = requests.post(f"{url}/infer/unet3d", params={"output": "image"}, files={"file": ("good.nii.gz", good_image())},
-                      data={"params": "{}"}, timeout=300)
+    r = requests.post(
+        f"{url}/infer/unet3d",
+        params={"output": "image"},
+        files={"file": ("good.nii.gz", good_image())},
+        data={"params": "{}"},
+        timeout=300,
+    )
     assert r.status_code == 200, r.text
     out = tmp_path / "seg.nii.gz"
     out.write_bytes(r.content)
@@ -172,6 +246,7 @@ def test_controls_accepted(ctx: Ctx, tmp_path: Path) -> None:
 
 
 # ---- every bad file through every channel it is bad for ---------------------------------------------
+
 
 @pytest.mark.parametrize("bad,channel", CASES, ids=[f"{b.name}-{ch}" for b, ch in CASES])
 def test_bad_input_rejected(ctx: Ctx, bad: BadInput, channel: str) -> None:
@@ -183,16 +258,24 @@ def test_bad_input_rejected(ctx: Ctx, bad: BadInput, channel: str) -> None:
     if bad.ok_allowed and 200 <= r.status_code < 300:
         if VERBOSE:
             print(f"\n    -> {r.status_code} (accepted; allowed for this input)", end="")
-        problems = [f"stored outside the datastore: {p}" for p, existed in ctx.escape_targets.items() if p.exists() and not existed]
+        problems = [
+            f"stored outside the datastore: {p}"
+            for p, existed in ctx.escape_targets.items()
+            if p.exists() and not existed
+        ]
         if channel == "image":  # accepted under its (sanitised) name: remove it again
             requests.delete(f"{ctx.url}/datastore/image", params={"id": f"bad_{bad.name}"}, timeout=30)
         leaked = [p for p in forbidden_paths(ctx) if p.encode() in r.content]
         problems += [f"reply shows server paths {leaked}"] if leaked else []
         if channel == "label":  # a good label was stored (the server may re-encode it): same voxels, new baseline
             stored = ctx.studies / "labels" / "final" / f"{LABEL_IMAGE_ID}.nii.gz"
-            if not np.array_equal(np.asanyarray(nib.load(stored).dataobj), np.asanyarray(nib.load(SAMPLE_LABEL).dataobj)):
+            if not np.array_equal(
+                np.asanyarray(nib.load(stored).dataobj), np.asanyarray(nib.load(SAMPLE_LABEL).dataobj)
+            ):
                 problems.append("the accepted label's voxels differ from the upload's")
-            if labels_before.get(stored.name) == ctx.labels_before.get(stored.name):  # not already changed by an earlier case
+            if labels_before.get(stored.name) == ctx.labels_before.get(
+                stored.name
+            ):  # not already changed by an earlier case
                 ctx.labels_before[stored.name] = stored.read_bytes()
             labels_before[stored.name] = stored.read_bytes()
     else:
@@ -208,6 +291,7 @@ def test_bad_input_rejected(ctx: Ctx, bad: BadInput, channel: str) -> None:
 
 
 # ---- bad /infer request parameters on a good study ---------------------------------------------------
+
 
 @pytest.mark.parametrize("bp", PARAMS, ids=[p.name for p in PARAMS])
 def test_bad_infer_request_rejected(ctx: Ctx, bp: BadParam) -> None:
@@ -226,6 +310,7 @@ def test_bad_infer_request_rejected(ctx: Ctx, bp: BadParam) -> None:
 
 # ---- bad /train bodies: refused, and no training task left behind ------------------------------------
 
+
 def train_tasks(url: str) -> list[dict]:
     r = requests.get(f"{url}/train/", params={"all": "true"}, timeout=30)
     if r.status_code == 404:  # no task ever
@@ -239,7 +324,9 @@ def train_tasks(url: str) -> list[dict]:
 def test_bad_train_body_rejected(ctx: Ctx, bt: BadTrain) -> None:
     before = {t.get("id") for t in train_tasks(ctx.url)}
     try:
-        r = requests.post(f"{ctx.url}/train/unet3d", data=bt.body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+        r = requests.post(
+            f"{ctx.url}/train/unet3d", data=bt.body, headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+        )
     except requests.RequestException as e:
         pytest.fail(f"no reply: {type(e).__name__}: {e}; " + "; ".join(still_serving(ctx)))
     problems = reply_problems(ctx, r, bt.status, (), bt.keywords)
@@ -256,22 +343,30 @@ def test_bad_train_body_rejected(ctx: Ctx, bt: BadTrain) -> None:
 
 # ---- afterwards: nothing stored touched, nothing left behind, still serving ------------------------------
 
+
 def test_chunked_upload_over_the_limit_is_cut_off_while_streaming(ctx: Ctx) -> None:
     """No Content-Length (chunked): the server counts while reading and stops at the limit."""
     total = 64 * 1024 * 1024  # 8x the limit
     sent = {"bytes": 0}
 
     def body() -> Iterator[bytes]:  # a well-formed multipart start, then a file part that never ends
-        yield (b"--unetsegboundary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.nii.gz\"\r\n"
-               b"Content-Type: application/octet-stream\r\n\r\n")
+        yield (
+            b'--unetsegboundary\r\nContent-Disposition: form-data; name="file"; filename="big.nii.gz"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n"
+        )
         chunk = b"\0" * (1024 * 1024)
         for _ in range(total // len(chunk)):
             sent["bytes"] += len(chunk)
             yield chunk
 
     try:
-        r = requests.put(f"{ctx.url}/datastore/image", params={"image": "bad_chunked"}, data=body(),
-                         headers={"Content-Type": "multipart/form-data; boundary=unetsegboundary"}, timeout=TIMEOUT)
+        r = requests.put(
+            f"{ctx.url}/datastore/image",
+            params={"image": "bad_chunked"},
+            data=body(),
+            headers={"Content-Type": "multipart/form-data; boundary=unetsegboundary"},
+            timeout=TIMEOUT,
+        )
         assert r.status_code == 413, r.text
         assert "too large" in r.json()["detail"]
     except requests.ConnectionError:
@@ -281,7 +376,10 @@ def test_chunked_upload_over_the_limit_is_cut_off_while_streaming(ctx: Ctx) -> N
 
 
 def test_after_all_labels_untouched(ctx: Ctx) -> None:
-    """Every stored label file byte-identical to before (a good label accepted under a sanitised name resets the baseline)."""
+    """Every stored label file byte-identical to before.
+
+    A good label accepted under a sanitised name resets the baseline.
+    """
     after = label_files(ctx.studies)
     changed = sorted(n for n in ctx.labels_before if after.get(n) != ctx.labels_before[n])
     added = sorted(set(after) - set(ctx.labels_before))
@@ -290,15 +388,22 @@ def test_after_all_labels_untouched(ctx: Ctx) -> None:
 
 def test_after_all_datastore_unchanged(ctx: Ctx) -> None:
     ids = datastore_ids(ctx.url)
-    assert not [i for i in ids if i.startswith("bad_")], f"bad uploads stored: {sorted(i for i in ids if i.startswith('bad_'))}"
+    assert not [i for i in ids if i.startswith("bad_")], (
+        f"bad uploads stored: {sorted(i for i in ids if i.startswith('bad_'))}"
+    )
     assert ids == ctx.ids_before, f"added: {sorted(ids - ctx.ids_before)}; missing: {sorted(ctx.ids_before - ids)}"
     assert sorted(p.name for p in ctx.studies.iterdir() if p.name.startswith("bad_")) == []
 
 
 def test_after_all_no_temp_files_left(ctx: Ctx) -> None:
     """Nothing the requests made is left in the server's TMPDIR (start-up leftovers are reported, not counted)."""
+
     def left() -> list[str]:
-        return sorted(str(p.relative_to(ctx.tmpdir)) for p in ctx.tmpdir.rglob("*") if str(p.relative_to(ctx.tmpdir)) not in ctx.tmp_at_start)
+        return sorted(
+            str(p.relative_to(ctx.tmpdir))
+            for p in ctx.tmpdir.rglob("*")
+            if str(p.relative_to(ctx.tmpdir)) not in ctx.tmp_at_start
+        )
 
     end = time.time() + 5  # background clean-up after the last reply
     remaining = left()
@@ -310,8 +415,12 @@ def test_after_all_no_temp_files_left(ctx: Ctx) -> None:
 
 def test_after_all_good_inference_still_works(ctx: Ctx, tmp_path: Path) -> None:
     assert requests.get(f"{ctx.url}/info/", timeout=30).status_code == 200
-    r = requests.post(f"{ctx.url}/infer/unet3d", params={"image": INFER_IMAGE_ID, "output": "image"},
-                      data={"params": json.dumps({})}, timeout=300)
+    r = requests.post(
+        f"{ctx.url}/infer/unet3d",
+        params={"image": INFER_IMAGE_ID, "output": "image"},
+        data={"params": json.dumps({})},
+        timeout=300,
+    )
     assert r.status_code == 200, r.text[:500]
     out = tmp_path / "seg.nii.gz"
     out.write_bytes(r.content)

@@ -22,8 +22,14 @@ TINY = ["--conf", "preset=tiny", "--conf", "roi_size=16"]
 
 
 def cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(ROOT), env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +42,72 @@ def msd(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(HIPPO / "imagesTr" / f"hippocampus_{i}.nii.gz", root / "imagesTr")
         shutil.copy(HIPPO / "labelsTr" / f"hippocampus_{i}.nii.gz", root / "labelsTr")
     shutil.copy(HIPPO / "imagesTr" / "hippocampus_008.nii.gz", root / "imagesTs")
-    (root / "dataset.json").write_text(json.dumps({
-        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-        "training": [{"image": f"./imagesTr/hippocampus_{i}.nii.gz", "label": f"./labelsTr/hippocampus_{i}.nii.gz"} for i in CASES],
-        "test": ["./imagesTs/hippocampus_008.nii.gz"]}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+                "training": [
+                    {"image": f"./imagesTr/hippocampus_{i}.nii.gz", "label": f"./labelsTr/hippocampus_{i}.nii.gz"}
+                    for i in CASES
+                ],
+                "test": ["./imagesTs/hippocampus_008.nii.gz"],
+            }
+        )
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def trained(msd: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     results = tmp_path_factory.mktemp("results")
-    r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(results), *TINY, "--epochs", "2", "--val_split", "0.25")
+    r = cli(
+        "train",
+        "--config",
+        "unet3d",
+        "--data",
+        str(msd),
+        "--results",
+        str(results),
+        *TINY,
+        "--epochs",
+        "2",
+        "--val_split",
+        "0.25",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and "/scoring" not in r.stderr  # ends cleanly: no request to a server that is not there
+    # ends cleanly: no request to a server that is not there
+    assert "Traceback" not in r.stderr and "/scoring" not in r.stderr
     return results
 
 
 def test_help_documents_every_flag() -> None:
     r = cli("--help")
     assert r.returncode == 0
-    for flag in ("--exec_mode", "--config", "--data", "--results", "--fold", "--nfolds", "--amp", "--tta", "--batch_size",
-                 "--epochs", "--max_steps", "--learning_rate", "--seed", "--overlap", "--blend", "--ckpt", "--resume_training",
-                 "--save_preds", "--save_probs", "--num_workers", "--device", "--warmup_steps", "--bench_steps"):
+    for flag in (
+        "--exec_mode",
+        "--config",
+        "--data",
+        "--results",
+        "--fold",
+        "--nfolds",
+        "--amp",
+        "--tta",
+        "--batch_size",
+        "--epochs",
+        "--max_steps",
+        "--learning_rate",
+        "--seed",
+        "--overlap",
+        "--blend",
+        "--ckpt",
+        "--resume_training",
+        "--save_preds",
+        "--save_probs",
+        "--num_workers",
+        "--device",
+        "--warmup_steps",
+        "--bench_steps",
+    ):
         assert flag in r.stdout, flag
 
 
@@ -68,7 +118,8 @@ def test_train_publishes_model_stats_and_curves(trained: Path) -> None:
     assert [h["epoch"] for h in stats["history"]] == [1, 2] and stats["history"][0]["train_loss"] > 0
     from lib.runtime import cpu_has_native_bf16
 
-    assert stats["amp"] == ("bfloat16" if cpu_has_native_bf16() else "fp32")  # the server's AMP rule is the CLI's default
+    # the server's AMP rule is the CLI's default
+    assert stats["amp"] == ("bfloat16" if cpu_has_native_bf16() else "fp32")
     assert stats["gate"]["decision"] == "serving" and meta["version"] == "v1"
     assert (trained / "plots" / "unet3d_curves.png").stat().st_size > 1000
     split = json.loads((trained / "model" / "unet3d_split.json").read_text())
@@ -79,14 +130,41 @@ def test_resume_training_continues_after_the_last_epoch(trained: Path, msd: Path
     resume = torch.load(trained / "model" / "unet3d_resume.pt", weights_only=True)
     assert resume["epoch"] == 2 and "optimizer" in resume
     split = (trained / "model" / "unet3d_split.json").read_text()
-    r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(trained), *TINY, "--epochs", "3", "--resume_training")
+    r = cli(
+        "train",
+        "--config",
+        "unet3d",
+        "--data",
+        str(msd),
+        "--results",
+        str(trained),
+        *TINY,
+        "--epochs",
+        "3",
+        "--resume_training",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "continuing after epoch 2" in r.stderr
     stats = json.loads((trained / "model" / "unet3d_train_stats.json").read_text())
     assert [h["epoch"] for h in stats["history"]] == [3]
     assert torch.load(trained / "model" / "unet3d_resume.pt", weights_only=True)["epoch"] == 3
-    assert json.loads((trained / "model" / "unet3d_split.json").read_text())["validation"] == json.loads(split)["validation"]
-    r = cli("train", "--config", "unet3d", "--data", str(msd), "--results", str(trained), *TINY, "--epochs", "3", "--resume_training")
+    assert (
+        json.loads((trained / "model" / "unet3d_split.json").read_text())["validation"]
+        == json.loads(split)["validation"]
+    )
+    r = cli(
+        "train",
+        "--config",
+        "unet3d",
+        "--data",
+        str(msd),
+        "--results",
+        str(trained),
+        *TINY,
+        "--epochs",
+        "3",
+        "--resume_training",
+    )
     assert r.returncode == 2 and "already finished epoch 3" in r.stderr
 
 
@@ -98,7 +176,8 @@ def test_evaluate_writes_json_and_csv(trained: Path, msd: Path) -> None:
     case = body["cases"][0]
     for key in ("dice_anterior", "dice_posterior", "hd95_anterior", "hd95_posterior", "mean_dice"):
         assert key in case
-    rows = list(csv.DictReader(open(trained / "eval.csv")))
+    with open(trained / "eval.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert rows[0]["case"] == case["case"]
     assert "| dice_anterior |" in r.stdout
     pred = nib.load(next((trained / "predictions").glob("*.nii.gz")))
@@ -123,14 +202,31 @@ def test_export_torchscript_and_onnx_match(trained: Path) -> None:
     r = cli("export", "--config", "unet3d", "--results", str(trained))
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((trained / "export" / "export.json").read_text())
-    assert info["ok"] and info["exports"]["onnx"]["max_abs_diff"] < 1e-3 and info["exports"]["torchscript"]["max_abs_diff"] < 1e-3
+    assert (
+        info["ok"]
+        and info["exports"]["onnx"]["max_abs_diff"] < 1e-3
+        and info["exports"]["torchscript"]["max_abs_diff"] < 1e-3
+    )
     net = torch.jit.load(str(trained / "export" / "unet3d.ts"))
     assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
 
 
 def test_benchmark_table_and_json(trained: Path) -> None:
-    r = cli("benchmark", "--config", "unet3d", "--results", str(trained), "--batch_size", "1,2", "--warmup_steps", "1",
-            "--bench_steps", "2", "--bench_mode", "train")
+    r = cli(
+        "benchmark",
+        "--config",
+        "unet3d",
+        "--results",
+        str(trained),
+        "--batch_size",
+        "1,2",
+        "--warmup_steps",
+        "1",
+        "--bench_steps",
+        "2",
+        "--bench_mode",
+        "train",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| Batch size | AMP |" in r.stdout
     body = json.loads((trained / "benchmark.json").read_text())
@@ -147,20 +243,49 @@ def test_plan_writes_the_nnunet_plan(msd: Path, tmp_path: Path) -> None:
 
 def test_torchrun_two_cpu_processes(msd: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                        str(ROOT / "main.py"), "train", "--config", "unet3d", "--data", str(msd), "--results", str(tmp_path),
-                        *TINY, "--epochs", "1", "--val_split", "0.25", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    r = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "main.py"),
+            "train",
+            "--config",
+            "unet3d",
+            "--data",
+            str(msd),
+            "--results",
+            str(tmp_path),
+            *TINY,
+            "--epochs",
+            "1",
+            "--val_split",
+            "0.25",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(ROOT),
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     meta = serving_meta(tmp_path / "model", "unet3d")
     assert meta["world_size"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--config", "unet9d"], "unknown --config 'unet9d'"),
-    (["train", "--config", "unet3d", "--data", "/nonexistent"], "is not a folder"),
-    (["evaluate", "--config", "unet3d"], "no version serves yet"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--config", "unet9d"], "unknown --config 'unet9d'"),
+        (["train", "--config", "unet3d", "--data", "/nonexistent"], "is not a folder"),
+        (["evaluate", "--config", "unet3d"], "no version serves yet"),
+    ],
+)
 def test_bad_input_exits_2_with_message(args: list[str], message: str, tmp_path: Path) -> None:
     r = cli(*args, "--results", str(tmp_path))
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
@@ -184,8 +309,12 @@ def test_mismatched_label_shape_is_named(msd: Path, tmp_path: Path) -> None:
     shutil.copytree(msd, data)
     lab = nib.load(data / "labelsTr" / "hippocampus_001.nii.gz")
     nib.save(nib.Nifti1Image(np.asanyarray(lab.dataobj)[:-2], lab.affine), data / "labelsTr" / "hippocampus_001.nii.gz")
-    r = cli("train", "--config", "unet3d", "--data", str(data), "--results", str(tmp_path / "out"), *TINY, "--epochs", "1")
-    assert r.returncode == 2 and "hippocampus_001" in r.stderr and "differs from image shape" in r.stderr, r.stderr[-2000:]
+    r = cli(
+        "train", "--config", "unet3d", "--data", str(data), "--results", str(tmp_path / "out"), *TINY, "--epochs", "1"
+    )
+    assert r.returncode == 2 and "hippocampus_001" in r.stderr and "differs from image shape" in r.stderr, r.stderr[
+        -2000:
+    ]
 
 
 def test_evaluation_conventions_brats_regions_and_2d() -> None:

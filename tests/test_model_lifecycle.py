@@ -1,4 +1,5 @@
-"""Model lifecycle: versions in the model store, the promotion gate, rollback and promotion (REST and CLI), crash safety.
+"""Model lifecycle: versions in the model store, the promotion gate, rollback and promotion (REST and CLI),
+crash safety.
 
 Real parts only: the app's trainer on real hippocampus cases, real MONAI Label servers on
 127.0.0.1, the command line in its own process, and real kill -9s (the store's failpoints make
@@ -33,8 +34,11 @@ def make_app(tmp_path: Path, labelled: list[int], **conf: str):
     from main import UNetSegApp
 
     studies = make_studies(tmp_path / "studies", labelled, [])
-    return UNetSegApp(str(APP_DIR), str(studies), {**SMALL, "model_dir": str(tmp_path / "model"),
-                                                   "unet3d.pretrained": str(SAMPLE_MODEL), **conf})
+    return UNetSegApp(
+        str(APP_DIR),
+        str(studies),
+        {**SMALL, "model_dir": str(tmp_path / "model"), "unet3d.pretrained": str(SAMPLE_MODEL), **conf},
+    )
 
 
 def shift_label(path: Path, voxels: int = 10) -> None:
@@ -69,19 +73,29 @@ def test_retrain_on_corrupted_labels_keeps_the_serving_version(tmp_path: Path, r
     assert res["params"]["model_version"] == "v1"
     # an admin who knows better can still serve it
     store.promote("v2", "test")
-    assert app.infer({"model": "unet3d", "image": "hippocampus_003", "output": "json"})["params"]["model_version"] == "v2"
+    assert (
+        app.infer({"model": "unet3d", "image": "hippocampus_003", "output": "json"})["params"]["model_version"] == "v2"
+    )
 
 
 def test_gate_modes_and_first_model(tmp_path: Path, require_data: None) -> None:
     from main import UNetSegApp
 
     studies = make_studies(tmp_path / "studies", [3, 4, 1], [])
-    conf = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "none", "model_dir": str(tmp_path / "model"),
-            "promotion": "never", "keep_versions": "2"}
+    conf = {
+        "models": "unet3d",
+        "preset": "tiny",
+        "roi_size": "16",
+        "tracking": "none",
+        "model_dir": str(tmp_path / "model"),
+        "promotion": "never",
+        "keep_versions": "2",
+    }
     app = UNetSegApp(str(APP_DIR), str(studies), conf)
     store = app.model_store("unet3d")
     stats = app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.34})
-    assert stats["gate"]["decision"] == "serving" and "first model" in stats["gate"]["reason"]  # even with promotion=never
+    # even with promotion=never
+    assert stats["gate"]["decision"] == "serving" and "first model" in stats["gate"]["reason"]
     stats = app.train({"model": "unet3d", "max_epochs": 1})
     assert stats["gate"]["decision"] == "candidate" and "promotion=never" in stats["gate"]["reason"]
     assert store.serving().id == "v1"
@@ -90,7 +104,12 @@ def test_gate_modes_and_first_model(tmp_path: Path, require_data: None) -> None:
         app.train({"model": "unet3d", "max_epochs": 1})
     # keep_versions 2: v1 serves, v2 is pinned, v3 falls out, v4 and v5 are the newest
     assert [r["id"] for r in store.describe()] == ["v5", "v4", "v2", "v1"]
-    assert sorted(p.name for p in (tmp_path / "model" / "unet3d" / "versions").iterdir()) == ["v1.pt", "v2.pt", "v4.pt", "v5.pt"]
+    assert sorted(p.name for p in (tmp_path / "model" / "unet3d" / "versions").iterdir()) == [
+        "v1.pt",
+        "v2.pt",
+        "v4.pt",
+        "v5.pt",
+    ]
     with pytest.raises(ValueError, match="promotion: expected one of gate, always, never"):
         UNetSegApp(str(APP_DIR), str(studies), {**conf, "promotion": "sometimes"})
 
@@ -123,12 +142,18 @@ def test_legacy_single_file_models_are_imported_as_version_1(tmp_path: Path, req
 
 # ---- REST and CLI on a real server --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("lifecycle")
     studies = base / "studies"
     shutil.copytree(ROOT / "sample" / "studies", studies)
-    conf = {**SMALL, "unet3d.pretrained": str(SAMPLE_MODEL), "model_dir": str(base / "model"), "admin_without_auth": "true"}
+    conf = {
+        **SMALL,
+        "unet3d.pretrained": str(SAMPLE_MODEL),
+        "model_dir": str(base / "model"),
+        "admin_without_auth": "true",
+    }
     with running_server(studies, conf, base / "server.log") as srv:
         yield srv
 
@@ -177,14 +202,17 @@ def test_upload_promote_and_rollback_over_rest(served: Server) -> None:
     assert torch.load(io.BytesIO(r.content), weights_only=True)["meta"]["version"] == "v2"
 
 
-@pytest.mark.parametrize("method, path, code, words", [
-    ("POST", "/model/unet3d/promote/v99", 404, "has no version 'v99'"),
-    ("POST", "/model/unet3d/promote/v0", 422, "invalid version id"),
-    ("POST", "/model/unet3d/promote/latest", 422, "invalid version id"),
-    ("PUT", "/model/unet3d/pin/v99", 404, "has no version"),
-    ("GET", "/model/unet9d/versions", 404, "unknown model 'unet9d'"),
-    ("DELETE", "/model/unet3d", 409, "not deleted by hand"),
-])
+@pytest.mark.parametrize(
+    "method, path, code, words",
+    [
+        ("POST", "/model/unet3d/promote/v99", 404, "has no version 'v99'"),
+        ("POST", "/model/unet3d/promote/v0", 422, "invalid version id"),
+        ("POST", "/model/unet3d/promote/latest", 422, "invalid version id"),
+        ("PUT", "/model/unet3d/pin/v99", 404, "has no version"),
+        ("GET", "/model/unet9d/versions", 404, "unknown model 'unet9d'"),
+        ("DELETE", "/model/unet3d", 409, "not deleted by hand"),
+    ],
+)
 def test_bad_version_requests(served: Server, method: str, path: str, code: int, words: str) -> None:
     r = requests.request(method, f"{served.url}{path}", timeout=30)
     assert r.status_code == code and words in r.text, r.text
@@ -202,16 +230,21 @@ def _model_file(tmp_path: Path, change: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"labels": {"liver": 1}}, "labels"),
-    ({"model": "nnunet"}, "cannot be uploaded as 'unet3d'"),
-    ({"schema_version": 9}, "newer than this unet_seg"),
-    ({"schema_version": 2, "surprise": 1}, "surprise"),
-    ({"in_channels": 0}, "in_channels"),
-    ({"state": lambda s: {k: v[..., :1] if v.ndim == 5 else v for k, v in s.items()}}, "do not fit the network"),
-    ({"meta_missing": True}, ""),
-])
-def test_bad_model_uploads_are_refused_and_change_nothing(served: Server, tmp_path: Path, change: dict, words: str) -> None:
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"labels": {"liver": 1}}, "labels"),
+        ({"model": "nnunet"}, "cannot be uploaded as 'unet3d'"),
+        ({"schema_version": 9}, "newer than this unet_seg"),
+        ({"schema_version": 2, "surprise": 1}, "surprise"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"state": lambda s: {k: v[..., :1] if v.ndim == 5 else v for k, v in s.items()}}, "do not fit the network"),
+        ({"meta_missing": True}, ""),
+    ],
+)
+def test_bad_model_uploads_are_refused_and_change_nothing(
+    served: Server, tmp_path: Path, change: dict, words: str
+) -> None:
     before = versions(served)
     if change.get("meta_missing"):
         path = tmp_path / "plain.pt"
@@ -241,24 +274,42 @@ def test_garbage_and_pickled_code_uploads_are_refused(served: Server, tmp_path: 
 
 def test_cli_models_switch_the_running_server(served: Server) -> None:
     model_dir = served.studies.parent / "model"
-    cli = [sys.executable, str(ROOT / "main.py"), "models", "--config", "unet3d", "--results", str(served.studies.parent / "cli"),
-           "--model_dir", str(model_dir), "--conf", "preset=small", "--conf", "roi_size=40,56,40"]
+    cli = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        "models",
+        "--config",
+        "unet3d",
+        "--results",
+        str(served.studies.parent / "cli"),
+        "--model_dir",
+        str(model_dir),
+        "--conf",
+        "preset=small",
+        "--conf",
+        "roi_size=40,56,40",
+    ]
     r = subprocess.run([*cli[:3], "list", *cli[3:]], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| v1 |" in r.stdout and "| v2 |" in r.stdout
     serving = versions(served)["serving"]
     other = "v1" if serving == "v2" else "v2"
-    r = subprocess.run([*cli[:3], "promote", other, *cli[3:]], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    r = subprocess.run(
+        [*cli[:3], "promote", other, *cli[3:]], capture_output=True, text=True, timeout=300, cwd=str(ROOT)
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert infer_version(served) == other  # the running server serves it from the next request
     r = subprocess.run([*cli[:3], "rollback", *cli[3:]], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr[-2000:]
     assert infer_version(served) == serving
-    r = subprocess.run([*cli[:3], "promote", "v77", *cli[3:]], capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    r = subprocess.run(
+        [*cli[:3], "promote", "v77", *cli[3:]], capture_output=True, text=True, timeout=300, cwd=str(ROOT)
+    )
     assert r.returncode == 2 and "has no version 'v77'" in r.stderr
 
 
 # ---- kill -9 -------------------------------------------------------------------------------------
+
 
 def test_kill_9_during_training_leaves_a_serving_model_and_no_orphans(tmp_path: Path, require_data: None) -> None:
     """A real CLI training killed (-9) right after writing its candidate, before any switch; then a server restarts."""
@@ -273,13 +324,45 @@ def test_kill_9_during_training_leaves_a_serving_model_and_no_orphans(tmp_path: 
     for i in cases:
         shutil.copy(HIPPO / "imagesTr" / f"hippocampus_{i}.nii.gz", data / "imagesTr")
         shutil.copy(HIPPO / "labelsTr" / f"hippocampus_{i}.nii.gz", data / "labelsTr")
-    (data / "dataset.json").write_text(json.dumps({
-        "labels": {"0": "background", "1": "anterior", "2": "posterior"},
-        "training": [{"image": f"./imagesTr/hippocampus_{i}.nii.gz", "label": f"./labelsTr/hippocampus_{i}.nii.gz"} for i in cases]}))
-    train = [sys.executable, str(ROOT / "main.py"), "train", "--config", "unet3d", "--data", str(data), "--results", str(tmp_path),
-             "--conf", "preset=tiny", "--conf", "roi_size=16", "--epochs", "1", "--val_split", "0.34"]
+    (data / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "anterior", "2": "posterior"},
+                "training": [
+                    {"image": f"./imagesTr/hippocampus_{i}.nii.gz", "label": f"./labelsTr/hippocampus_{i}.nii.gz"}
+                    for i in cases
+                ],
+            }
+        )
+    )
+    train = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        "train",
+        "--config",
+        "unet3d",
+        "--data",
+        str(data),
+        "--results",
+        str(tmp_path),
+        "--conf",
+        "preset=tiny",
+        "--conf",
+        "roi_size=16",
+        "--epochs",
+        "1",
+        "--val_split",
+        "0.34",
+    ]
     for point in ("before-switch", "version-written"):
-        r = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=str(ROOT), env=dict(os.environ, **{FAILPOINT_ENV: point}))
+        r = subprocess.run(
+            train,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=str(ROOT),
+            env=dict(os.environ, **{FAILPOINT_ENV: point}),
+        )
         assert r.returncode == -9, (point, r.returncode, r.stderr[-2000:])
     versions_dir = model_dir / "unet3d" / "versions"
     assert len(list(versions_dir.glob(".tmp-*"))) == 1  # the second run died with its temp file on disk
@@ -292,7 +375,10 @@ def test_kill_9_during_training_leaves_a_serving_model_and_no_orphans(tmp_path: 
     with running_server(studies, conf, tmp_path / "server.log") as srv:
         r = requests.post(f"{srv.url}/infer/unet3d", params={"image": "hippocampus_008", "output": "json"}, timeout=120)
         assert r.status_code == 200 and r.json()["model_version"] == "v1", r.text
-        rows = {row["id"]: row for row in requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["versions"]}
+        rows = {
+            row["id"]: row
+            for row in requests.get(f"{srv.url}/info/", timeout=30).json()["models"]["unet3d"]["versions"]
+        }
     assert rows["v2"]["state"] == "candidate" and "stopped before it finished" in rows["v2"]["reason"]
     assert "v3" not in rows  # its id was taken, its file never recorded
     assert sorted(p.name for p in versions_dir.iterdir()) == ["v1.pt", "v2.pt"]  # no orphan files

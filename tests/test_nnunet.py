@@ -16,8 +16,14 @@ from monai.transforms import Compose, Invertd
 
 from conftest import APP_DIR, HIPPO_IDS, Server, hippo_case, make_studies, running_server, serving_meta
 
-TINY_NN = {"base_filters": "4", "max_filters": "16", "max_patch_voxels": str(16**3), "max_epochs": "2",
-           "iterations_per_epoch": "3", "tracking": "none"}
+TINY_NN = {
+    "base_filters": "4",
+    "max_filters": "16",
+    "max_patch_voxels": str(16**3),
+    "max_epochs": "2",
+    "iterations_per_epoch": "3",
+    "tracking": "none",
+}
 
 
 def test_preprocess_inverse_round_trip_keeps_geometry(tmp_path: Path) -> None:
@@ -26,11 +32,14 @@ def test_preprocess_inverse_round_trip_keeps_geometry(tmp_path: Path) -> None:
     src = nib.load(hippo_case(3)[0])
     arr = np.asanyarray(src.dataobj).astype(np.float32)
     padded = np.zeros((arr.shape[0] + 10, arr.shape[1], arr.shape[2] + 6), np.float32)  # zero border to crop away
-    padded[4:4 + arr.shape[0], :, 2:2 + arr.shape[2]] = arr
+    padded[4 : 4 + arr.shape[0], :, 2 : 2 + arr.shape[2]] = arr
     affine = np.array([[0, -1.2, 0, 30], [0.9, 0, 0, -12], [0, 0, 1.1, 5], [0, 0, 0, 1]], float)  # rotated, anisotropic
     path = tmp_path / "img.nii.gz"
     nib.save(nib.Nifti1Image(padded, affine), path)
-    pre = [*load_chain(["image"], 1, 3, None, None), *nnunet_preprocess(["image"], [1.0, 1.0, 1.0], [{"scheme": "zscore"}])]
+    pre = [
+        *load_chain(["image"], 1, 3, None, None),
+        *nnunet_preprocess(["image"], [1.0, 1.0, 1.0], [{"scheme": "zscore"}]),
+    ]
     d = Compose(pre)({"image": str(path)})
     assert d["image"].shape[1:] != padded.shape  # cropped and resampled
     assert abs(float(d["image"].mean())) < 1e-3 and abs(float(d["image"].std()) - 1) < 1e-2
@@ -39,7 +48,7 @@ def test_preprocess_inverse_round_trip_keeps_geometry(tmp_path: Path) -> None:
     out = Invertd(keys="pred", transform=Compose(pre), orig_keys="image", nearest_interp=True)(d)["pred"]
     assert tuple(out.shape[1:]) == padded.shape
     assert np.allclose(np.asarray(out.affine), affine, atol=1e-5)
-    inside = np.asarray(out[0])[4:4 + arr.shape[0], :, 2:2 + arr.shape[2]]
+    inside = np.asarray(out[0])[4 : 4 + arr.shape[0], :, 2 : 2 + arr.shape[2]]
     assert inside.sum() > 0 and np.asarray(out[0]).sum() == inside.sum()  # nothing predicted in the cropped border
 
 
@@ -47,8 +56,11 @@ def test_ct_normalisation_from_plan() -> None:
     from lib.planning import normalisation_for
     from lib.transforms import NormalizeFromPland
 
-    fp = {"foreground_intensity_properties_per_channel": [
-        {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 50.0, "std": 25.0}]}
+    fp = {
+        "foreground_intensity_properties_per_channel": [
+            {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 50.0, "std": 25.0}
+        ]
+    }
     schemes = normalisation_for(fp, ["CT"])
     img = torch.tensor([[[-1000.0, 0.0], [50.0, 2000.0]]])
     out = NormalizeFromPland(keys="image", schemes=schemes)({"image": img})["image"]
@@ -71,7 +83,9 @@ def make_nn_app(tmp_path: Path, models: str = "nnunet", labelled: list[int] | No
     from main import UNetSegApp
 
     studies = make_studies(tmp_path / "studies", labelled or [3, 4, 1], [])
-    return UNetSegApp(str(APP_DIR), str(studies), dict(TINY_NN, models=models, model_dir=str(tmp_path / "model"), **conf))
+    return UNetSegApp(
+        str(APP_DIR), str(studies), dict(TINY_NN, models=models, model_dir=str(tmp_path / "model"), **conf)
+    )
 
 
 def test_plan_made_once_and_replanned_on_request(tmp_path: Path, require_data: None) -> None:
@@ -141,8 +155,12 @@ def test_server_train_and_infer(nn_server: Server, model: str, tmp_path: Path) -
     plan = info["trainers"][model]["plan"]
     assert plan["dims"] == (3 if model == "nnunet" else 2)
     assert info["models"][model]["ready"] is True
-    r = requests.post(f"{nn_server.url}/infer/{model}", params={"image": "hippocampus_008", "output": "image"},
-                      data={"params": json.dumps({"tta": True})}, timeout=300)
+    r = requests.post(
+        f"{nn_server.url}/infer/{model}",
+        params={"image": "hippocampus_008", "output": "image"},
+        data={"params": json.dumps({"tta": True})},
+        timeout=300,
+    )
     assert r.status_code == 200, r.text
     out = tmp_path / "seg.nii.gz"
     out.write_bytes(r.content)

@@ -41,8 +41,15 @@ def write_nifti(path: Path, data: np.ndarray, spacing: tuple[float, float, float
 
 def synthetic_fp(spacings: list[list[float]], shapes: list[list[int]], labels: tuple[int, ...] = (0, 1)) -> dict:
     """A fingerprint dict built directly (no files), as plan_from_fingerprint consumes it."""
-    return {"spacings": spacings, "shapes_after_crop": shapes, "num_cases": len(spacings), "labels": list(labels),
-            "num_channels": 1, "modality": ["MRI"], "median_relative_size_after_cropping": 1.0}
+    return {
+        "spacings": spacings,
+        "shapes_after_crop": shapes,
+        "num_cases": len(spacings),
+        "labels": list(labels),
+        "num_channels": 1,
+        "modality": ["MRI"],
+        "median_relative_size_after_cropping": 1.0,
+    }
 
 
 def uniform_fp(spacing: list[float], shape: list[int], n: int = 50, labels: tuple[int, ...] = (0, 1)) -> dict:
@@ -58,9 +65,9 @@ def assert_consistent_topology(plan: Plan) -> None:
     pools = [sum(1 for s in plan.strides if s[a] == 2) for a in range(dims)]
     assert pools == plan.num_pool_per_axis
     assert plan.divisible_by == [2**p for p in pools]
-    assert all(p % d == 0 for p, d in zip(plan.patch_size, plan.divisible_by))
+    assert all(p % d == 0 for p, d in zip(plan.patch_size, plan.divisible_by, strict=True))
     # bottleneck feature map edge is never below featuremap_min_edge_length (4) on a pooled axis
-    assert all(p // d >= 4 for p, d, k in zip(plan.patch_size, plan.divisible_by, pools) if k > 0)
+    assert all(p // d >= 4 for p, d, k in zip(plan.patch_size, plan.divisible_by, pools, strict=True) if k > 0)
     cap = 320 if dims == 3 else 512
     assert plan.filters == [min(cap, 32 * 2**i) for i in range(n)]
     assert max(plan.filters) <= cap
@@ -247,8 +254,15 @@ def test_pooling_topology_respects_spacing_ratio() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_case(folder: Path, name: str, channels: int = 1, four_d: bool = True, spacing=(2.0, 1.0, 0.5),
-              shape=(20, 30, 40), values=(100.0, 200.0)) -> dict:
+def make_case(
+    folder: Path,
+    name: str,
+    channels: int = 1,
+    four_d: bool = True,
+    spacing=(2.0, 1.0, 0.5),
+    shape=(20, 30, 40),
+    values=(100.0, 200.0),
+) -> dict:
     """Image non-zero only in [2:12, 5:25, :]; foreground (label 1/2) a box inside with known values."""
     img = np.zeros((*shape, channels), dtype=np.float32)
     img[2:12, 5:25, :, :] = 1.0
@@ -293,8 +307,9 @@ def test_intensity_sampling_is_seeded(tmp_path: Path) -> None:
     for i in range(2):
         img = rng.normal(50, 10, (12, 12, 12)).astype(np.float32)
         lab = (rng.random((12, 12, 12)) > 0.5).astype(np.uint8)
-        cases.append({"image": write_nifti(tmp_path / f"i{i}.nii.gz", img),
-                      "label": write_nifti(tmp_path / f"l{i}.nii.gz", lab)})
+        cases.append(
+            {"image": write_nifti(tmp_path / f"i{i}.nii.gz", img), "label": write_nifti(tmp_path / f"l{i}.nii.gz", lab)}
+        )
     a = fingerprint_from_cases(cases, foreground_samples_per_case=300, seed=3)
     b = fingerprint_from_cases(cases, foreground_samples_per_case=300, seed=3)
     c = fingerprint_from_cases(cases, foreground_samples_per_case=300, seed=4)
@@ -315,8 +330,12 @@ def test_ct_and_mri_normalisation(tmp_path: Path) -> None:
         img = rng.normal(40, 100, (16, 16, 16)).astype(np.float32)
         lab = np.zeros((16, 16, 16), dtype=np.uint8)
         lab[4:12, 4:12, 4:12] = 1
-        cases.append({"image": write_nifti(tmp_path / f"ct{i}.nii.gz", img),
-                      "label": write_nifti(tmp_path / f"ctl{i}.nii.gz", lab)})
+        cases.append(
+            {
+                "image": write_nifti(tmp_path / f"ct{i}.nii.gz", img),
+                "label": write_nifti(tmp_path / f"ctl{i}.nii.gz", lab),
+            }
+        )
     fp = fingerprint_from_cases(cases, modality="CT")
     props = fp["foreground_intensity_properties_per_channel"][0]
     (ct,) = plan_from_fingerprint(fp, dims=3).normalization

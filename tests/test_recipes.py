@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from conftest import APP_DIR, ROOT
-from lib.recipes import CONF, FIXED, REQUEST, RECIPES, NnUNetRecipe, UNet2DRecipe, UNet3DRecipe, readme_defaults, recipe_for
+from lib.recipes import (
+    CONF,
+    FIXED,
+    RECIPES,
+    REQUEST,
+    NnUNetRecipe,
+    UNet2DRecipe,
+    UNet3DRecipe,
+    readme_defaults,
+    recipe_for,
+)
 
 README = ROOT / "README.md"
 GENERAL = "general"
@@ -35,7 +45,7 @@ def _row_defaults(key_cell: str, default_cell: str) -> dict[str, str]:
         return {k: default_cell for k in keys}
     parts = [p.strip() for p in re.split(r",\s+", default_cell)]
     if len(parts) == len(keys):
-        return dict(zip(keys, parts))
+        return dict(zip(keys, parts, strict=True))
     if len(parts) == 1:
         return {k: parts[0] for k in keys}
     raise AssertionError(f"README row {key_cell!r}: {len(keys)} keys but defaults {default_cell!r}")
@@ -125,7 +135,9 @@ def test_readme_nnunet_schedules_match_the_recipe(tables: dict[str, dict[str, st
 def test_same_default_is_strict() -> None:
     assert same_default("2e-4", 0.0002) and not same_default("2e-4", 0.0003)
     assert same_default("`false`", False) and not same_default("`true`", False)
-    assert same_default("`anterior,posterior`", "anterior,posterior") and not same_default("`cell`", "anterior,posterior")
+    assert same_default("`anterior,posterior`", "anterior,posterior") and not same_default(
+        "`cell`", "anterior,posterior"
+    )
     assert same_default("8", 8.0) and same_default("–", None)
 
 
@@ -161,7 +173,9 @@ def test_recipes_are_frozen_documented_and_typed() -> None:
         for i, node in enumerate(body):
             if isinstance(node, ast.AnnAssign):
                 nxt = body[i + 1] if i + 1 < len(body) else None
-                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), f"{cls.name}.{node.target.id}: no docstring"
+                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), (
+                    f"{cls.name}.{node.target.id}: no docstring"
+                )
 
 
 def test_recipes_import_nothing_that_builds_on_them() -> None:
@@ -189,20 +203,36 @@ def test_configs_and_trainers_take_their_defaults_from_the_recipe(tmp_path: Path
     c3 = _config("unet3d", tmp_path)
     assert c3.roi_size == (r3.roi_size,) * 3 and c3.preset == r3.preset and c3.orientation == r3.orientation
     assert list(c3.labels) == r3.labels.split(",") and c3.cache_mb == r3.cache_mb and c3.tracking == r3.tracking
-    assert c3.train_defaults == {"max_epochs": r3.max_epochs, "learning_rate": r3.learning_rate,
-                                 "train_batch_size": r3.train_batch_size}
+    assert c3.train_defaults == {
+        "max_epochs": r3.max_epochs,
+        "learning_rate": r3.learning_rate,
+        "train_batch_size": r3.train_batch_size,
+    }
     t3 = c3.trainer()._config
-    assert (t3["num_samples"], t3["pos_fraction"], t3["learning_rate"]) == (r3.num_samples, r3.pos_fraction, r3.learning_rate)
+    assert (t3["num_samples"], t3["pos_fraction"], t3["learning_rate"]) == (
+        r3.num_samples,
+        r3.pos_fraction,
+        r3.learning_rate,
+    )
 
     r2 = recipe_for("unet2d")
     c2 = _config("unet2d", tmp_path)
     assert c2.roi_size == (r2.roi_size,) * 2 and c2.slice_axis == r2.slice_axis and c2.label_map == {255: 1}
     assert c2.spec.padding == r2.padding and c2.spec.batch_norm == r2.batch_norm
-    assert c2.train_defaults == {"max_epochs": r2.max_epochs, "learning_rate": r2.learning_rate,
-                                 "train_batch_size": r2.train_batch_size, "optimizer": r2.optimizer, "loss": r2.loss}
+    assert c2.train_defaults == {
+        "max_epochs": r2.max_epochs,
+        "learning_rate": r2.learning_rate,
+        "train_batch_size": r2.train_batch_size,
+        "optimizer": r2.optimizer,
+        "loss": r2.loss,
+    }
     t2 = c2.trainer()._config
-    assert {k: t2[k] for k in ("num_samples", "pos_fraction", "w0", "sigma")} == \
-        {"num_samples": r2.num_samples, "pos_fraction": r2.pos_fraction, "w0": r2.w0, "sigma": r2.sigma}
+    assert {k: t2[k] for k in ("num_samples", "pos_fraction", "w0", "sigma")} == {
+        "num_samples": r2.num_samples,
+        "pos_fraction": r2.pos_fraction,
+        "w0": r2.w0,
+        "sigma": r2.sigma,
+    }
 
     for name in ("nnunet", "nnunet2d"):
         rn = recipe_for(name)
@@ -210,6 +240,10 @@ def test_configs_and_trainers_take_their_defaults_from_the_recipe(tmp_path: Path
         assert cn.dims == rn.dims and cn.kinds == [rn.modality] and cn.gpu_memory_gb == rn.gpu_memory_gb
         assert (cn.max_epochs, cn.iterations) == rn.schedules()[rn.schedule]
         tn = cn.trainer()._config
-        assert {k: tn[k] for k in ("learning_rate", "grad_clip", "replan", "train_batch_size", "pos_fraction")} == \
-            {"learning_rate": rn.learning_rate, "grad_clip": rn.grad_clip, "replan": rn.replan,
-             "train_batch_size": rn.train_batch_size, "pos_fraction": rn.pos_fraction}
+        assert {k: tn[k] for k in ("learning_rate", "grad_clip", "replan", "train_batch_size", "pos_fraction")} == {
+            "learning_rate": rn.learning_rate,
+            "grad_clip": rn.grad_clip,
+            "replan": rn.replan,
+            "train_batch_size": rn.train_batch_size,
+            "pos_fraction": rn.pos_fraction,
+        }

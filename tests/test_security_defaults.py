@@ -23,8 +23,16 @@ def sample_server(tmp_path_factory: pytest.TempPathFactory, name: str, **extra: 
     base = tmp_path_factory.mktemp(name)
     studies = base / "studies"
     shutil.copytree(ROOT / "sample" / "studies", studies)
-    conf = {"models": "unet3d", "preset": "small", "roi_size": "40,56,40", "unet3d.pretrained": str(SAMPLE_MODEL),
-            "model_dir": str(base / "model"), "tracking": "none", "auto_retrain_after": "0", **extra}
+    conf = {
+        "models": "unet3d",
+        "preset": "small",
+        "roi_size": "40,56,40",
+        "unet3d.pretrained": str(SAMPLE_MODEL),
+        "model_dir": str(base / "model"),
+        "tracking": "none",
+        "auto_retrain_after": "0",
+        **extra,
+    }
     with running_server(studies, conf, base / "server.log") as srv:
         yield srv
 
@@ -99,8 +107,9 @@ def test_cors_answers_only_listed_origins(locked: Server) -> None:
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == VIEWER
 
 
-def test_loud_warning_when_listening_beyond_loopback_without_auth(caplog: pytest.LogCaptureFixture,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loud_warning_when_listening_beyond_loopback_without_auth(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = importlib.util.spec_from_file_location("unet_seg_app_main", APP_DIR / "main.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -137,7 +146,9 @@ def tar_bytes(members: list[tuple[str, bytes | None, str | None]]) -> bytes:
     return buf.getvalue()
 
 
-def test_session_archives_extract_only_regular_files_inside(trusted: Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_session_archives_extract_only_regular_files_inside(
+    trusted: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     image = (ROOT / "sample" / "studies" / "hippocampus_015.nii.gz").read_bytes()
     url = f"{trusted.url}/session/"
     cases = {
@@ -146,17 +157,25 @@ def test_session_archives_extract_only_regular_files_inside(trusted: Server, tmp
         "symlink": ([("link.nii.gz", None, "/etc/passwd")], "not a regular file"),
     }
     for name, (members, words) in cases.items():
-        r = requests.put(url, params={"uncompress": "true"}, files={"files": (f"{name}.tar", tar_bytes(members))}, timeout=60)
+        r = requests.put(
+            url, params={"uncompress": "true"}, files={"files": (f"{name}.tar", tar_bytes(members))}, timeout=60
+        )
         assert r.status_code == 422, (name, r.text)
         assert words in r.json()["detail"], (name, r.text)
     r = requests.put(url, params={"uncompress": "true"}, files={"files": ("x.tar", b"not an archive")}, timeout=60)
     assert r.status_code == 422 and "not a zip or tar" in r.json()["detail"]
-    r = requests.put(url, params={"uncompress": "true"}, files={"files": ("ok.tar", tar_bytes([("case.nii.gz", image, None)]))},
-                     timeout=60)
+    r = requests.put(
+        url,
+        params={"uncompress": "true"},
+        files={"files": ("ok.tar", tar_bytes([("case.nii.gz", image, None)]))},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     session = r.json()
     assert "path" not in session["session_info"] and "image" not in session["session_info"]
-    r = requests.post(f"{trusted.url}/infer/unet3d", params={"session_id": session["session_id"], "output": "json"}, timeout=120)
+    r = requests.post(
+        f"{trusted.url}/infer/unet3d", params={"session_id": session["session_id"], "output": "json"}, timeout=120
+    )
     assert r.status_code == 200, r.text
 
 
@@ -164,8 +183,12 @@ def test_session_archives_extract_only_regular_files_inside(trusted: Server, tmp
 def test_label_tags_are_names_not_paths(locked: Server, tag: str) -> None:
     label = locked.studies / "labels" / "final" / "hippocampus_003.nii.gz"
     before = label.read_bytes()
-    r = requests.put(f"{locked.url}/datastore/label", params={"image": "hippocampus_003", "tag": tag},
-                     files={"label": ("l.nii.gz", before)}, timeout=60)
+    r = requests.put(
+        f"{locked.url}/datastore/label",
+        params={"image": "hippocampus_003", "tag": tag},
+        files={"label": ("l.nii.gz", before)},
+        timeout=60,
+    )
     assert r.status_code == 422, r.text
     assert "invalid label tag" in r.json()["detail"]
     assert label.read_bytes() == before
@@ -174,6 +197,10 @@ def test_label_tags_are_names_not_paths(locked: Server, tag: str) -> None:
 
 @pytest.mark.parametrize("image_id", ["a\x00b", "x" * 201, "-leading-dash", "a b"])
 def test_image_ids_are_bounded_plain_names(locked: Server, image_id: str) -> None:
-    r = requests.put(f"{locked.url}/datastore/image", params={"image": image_id},
-                     files={"file": ("x.nii.gz", (locked.studies / "hippocampus_015.nii.gz").read_bytes())}, timeout=60)
+    r = requests.put(
+        f"{locked.url}/datastore/image",
+        params={"image": image_id},
+        files={"file": ("x.nii.gz", (locked.studies / "hippocampus_015.nii.gz").read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 422 and "invalid image id" in r.json()["detail"], r.text

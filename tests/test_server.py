@@ -14,13 +14,24 @@ from conftest import Server, hippo_case, serving_meta
 
 
 def infer(server: Server, image_id: str, **params: object) -> requests.Response:
-    return requests.post(f"{server.url}/infer/unet3d", params={"image": image_id, "output": "image"},
-                         data={"params": json.dumps(params)}, timeout=300)
+    return requests.post(
+        f"{server.url}/infer/unet3d",
+        params={"image": image_id, "output": "image"},
+        data={"params": json.dumps(params)},
+        timeout=300,
+    )
 
 
-def put_label(server: Server, image_id: str, payload: bytes, name: str = "label.nii.gz", **params: object) -> requests.Response:
-    return requests.put(f"{server.url}/datastore/label", params={"image": image_id, "tag": "final"},
-                        files={"label": (name, payload)}, data={"params": json.dumps(params)}, timeout=60)
+def put_label(
+    server: Server, image_id: str, payload: bytes, name: str = "label.nii.gz", **params: object
+) -> requests.Response:
+    return requests.put(
+        f"{server.url}/datastore/label",
+        params={"image": image_id, "tag": "final"},
+        files={"label": (name, payload)},
+        data={"params": json.dumps(params)},
+        timeout=60,
+    )
 
 
 def nifti_bytes(arr: np.ndarray, affine: np.ndarray) -> bytes:
@@ -88,12 +99,15 @@ def test_label_upload_is_stored(server: Server) -> None:
 
 
 def test_train_publishes_model_and_stats(server: Server) -> None:
-    r = requests.post(f"{server.url}/train/unet3d", json={"max_epochs": 2, "val_split": 0.25, "train_batch_size": 2}, timeout=60)
+    r = requests.post(
+        f"{server.url}/train/unet3d", json={"max_epochs": 2, "val_split": 0.25, "train_batch_size": 2}, timeout=60
+    )
     assert r.status_code == 200, r.text
     status = server.wait_train_done()
     assert status["status"] == "DONE", status
     info = requests.get(f"{server.url}/info/", timeout=30).json()
-    assert "model_dir" not in info and str(server.studies.parent) not in json.dumps(info)  # no server paths out of the API
+    # no server paths out of the API
+    assert "model_dir" not in info and str(server.studies.parent) not in json.dumps(info)
     model_dir = server.studies.parent / "model"
     assert serving_meta(model_dir, "unet3d")["source"] == "trained"
     stats = json.loads((model_dir / "unet3d_train_stats.json").read_text())
@@ -124,8 +138,12 @@ def test_infer_after_training_keeps_geometry(server: Server, tmp_path: Path) -> 
 
 
 def test_infer_json_reports_tta_and_version(server: Server) -> None:
-    r = requests.post(f"{server.url}/infer/unet3d", params={"image": "hippocampus_008", "output": "json"},
-                      data={"params": json.dumps({"tta": True})}, timeout=300)
+    r = requests.post(
+        f"{server.url}/infer/unet3d",
+        params={"image": "hippocampus_008", "output": "json"},
+        data={"params": json.dumps({"tta": True})},
+        timeout=300,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["tta"] is True and body["label_names"] == {"anterior": 1, "posterior": 2}
@@ -137,22 +155,38 @@ def test_wrong_channel_count_is_422_and_server_keeps_serving(server: Server, tmp
     arr = np.asanyarray(img.dataobj).astype(np.float32)
     two_channel = np.stack([arr, arr], axis=-1)
     payload = nifti_bytes(two_channel, img.affine)
-    r = requests.put(f"{server.url}/datastore/image", params={"image": "twochannel"},
-                     files={"file": ("twochannel.nii.gz", payload)}, timeout=60)
+    r = requests.put(
+        f"{server.url}/datastore/image",
+        params={"image": "twochannel"},
+        files={"file": ("twochannel.nii.gz", payload)},
+        timeout=60,
+    )
     assert r.status_code == 422, r.text  # no served model takes 2 channels: refused at the door
     assert "2 channel(s)" in r.json()["detail"] and "1 channel(s) 3D" in r.json()["detail"]
-    r = requests.post(f"{server.url}/infer/unet3d", params={"output": "image"},
-                      files={"file": ("twochannel.nii.gz", payload)}, timeout=60)
+    r = requests.post(
+        f"{server.url}/infer/unet3d",
+        params={"output": "image"},
+        files={"file": ("twochannel.nii.gz", payload)},
+        timeout=60,
+    )
     assert r.status_code == 422
     assert "expects 1 channel" in r.json()["detail"] and "got 2" in r.json()["detail"]
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
 
 
 def test_corrupt_image_upload_rejected(server: Server) -> None:
-    r = requests.put(f"{server.url}/datastore/image", params={"image": "broken"},
-                     files={"file": ("broken.nii.gz", b"\x1f\x8b not really gzip")}, timeout=60)
+    r = requests.put(
+        f"{server.url}/datastore/image",
+        params={"image": "broken"},
+        files={"file": ("broken.nii.gz", b"\x1f\x8b not really gzip")},
+        timeout=60,
+    )
     assert r.status_code == 422 and "cannot be read" in r.json()["detail"]
-    r = requests.put(f"{server.url}/datastore/image", params={"image": "../escape"},
-                     files={"file": ("x.nii.gz", hippo_case(3)[0].read_bytes())}, timeout=60)
+    r = requests.put(
+        f"{server.url}/datastore/image",
+        params={"image": "../escape"},
+        files={"file": ("x.nii.gz", hippo_case(3)[0].read_bytes())},
+        timeout=60,
+    )
     assert r.status_code == 422 and "invalid image id" in r.json()["detail"]
     assert not (server.studies.parent / "escape.nii.gz").exists()

@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from conftest import APP_DIR, ROOT, free_port, make_studies, serving_meta
 
@@ -19,7 +18,13 @@ def make_app(tmp_path: Path, labelled: list[int], unlabelled: list[int] | None =
     from main import UNetSegApp
 
     studies = make_studies(tmp_path / "studies", labelled, unlabelled or [])
-    base = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "none", "model_dir": str(tmp_path / "model")}
+    base = {
+        "models": "unet3d",
+        "preset": "tiny",
+        "roi_size": "16",
+        "tracking": "none",
+        "model_dir": str(tmp_path / "model"),
+    }
     base.update(conf)
     return UNetSegApp(str(APP_DIR), str(studies), base)
 
@@ -53,7 +58,9 @@ def test_two_process_cpu_training_gloo(tmp_path: Path, require_data: None) -> No
 
 def test_amp_bf16_path_runs_on_cpu(tmp_path: Path, require_data: None) -> None:
     app = make_app(tmp_path, [3, 4])
-    stats = app.train({"model": "unet3d", "max_epochs": 1, "amp": "bf16", "val_split": 0.5, "train_batch_size": 1, "num_samples": 1})
+    stats = app.train(
+        {"model": "unet3d", "max_epochs": 1, "amp": "bf16", "val_split": 0.5, "train_batch_size": 1, "num_samples": 1}
+    )
     assert stats["amp"] == "bfloat16"
     assert stats["val_dice_per_class"].keys() == {"anterior", "posterior"}
     res = app.infer({"model": "unet3d", "image": "hippocampus_004", "amp": "bf16", "output": "json"})
@@ -79,7 +86,8 @@ def test_retrain_keeps_split_and_serves_newer_model(tmp_path: Path, require_data
     import time
 
     time.sleep(1.1)  # run ids have one-second resolution
-    orphan = Path(app.model_dir) / "unet3d" / "versions" / ".tmp-999999999-abc.pt"  # what a writer killed mid-write leaves
+    # what a writer killed mid-write leaves
+    orphan = Path(app.model_dir) / "unet3d" / "versions" / ".tmp-999999999-abc.pt"
     orphan.write_bytes(b"half a checkpoint")
     stats = app.train({"model": "unet3d", "max_epochs": 1, "val_split": 0.25})
     assert not orphan.exists()  # removed when the next training starts
@@ -100,9 +108,26 @@ def test_empty_datastore_training_fails_clearly(tmp_path: Path, require_data: No
 
 def test_unknown_model_name_stops_server_start(tmp_path: Path, require_data: None) -> None:
     studies = make_studies(tmp_path / "studies", [3], [])
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(free_port()), "--conf", "models", "unet3d,unet9d",
-           "--conf", "model_dir", str(tmp_path / "model")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(APP_DIR),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--conf",
+        "models",
+        "unet3d,unet9d",
+        "--conf",
+        "model_dir",
+        str(tmp_path / "model"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=str(ROOT))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -123,8 +148,13 @@ def test_bad_label_in_datastore_fails_training_with_named_file(tmp_path: Path, r
 def test_unusable_checkpoints_are_reported_not_served(tmp_path: Path, require_data: None) -> None:
     from lib.infers.base import ModelNotReady
 
-    app = make_app(tmp_path, [3], preset="small", roi_size="40,56,40",
-                   **{"unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt")})
+    app = make_app(
+        tmp_path,
+        [3],
+        preset="small",
+        roi_size="40,56,40",
+        **{"unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt")},
+    )
     store = app.model_store("unet3d")
     assert store.serving().id == "v1" and store.get("v1").source == "imported"
     state, meta = store.load("v1")

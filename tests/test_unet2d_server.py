@@ -41,18 +41,30 @@ def server2d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         shutil.copy(ISBI / "image" / f"{i}.png", studies / f"isbi_{i}.png")
         shutil.copy(ISBI / "label" / f"{i}.png", studies / "labels" / "final" / f"isbi_{i}.png")
     shutil.copy(ISBI / "image" / "3.png", studies / "isbi_3.png")
-    conf = {"models": "unet2d", "preset": "tiny", "roi_size": "64", "tracking": "none", "model_dir": str(base / "model")}
+    conf = {
+        "models": "unet2d",
+        "preset": "tiny",
+        "roi_size": "64",
+        "tracking": "none",
+        "model_dir": str(base / "model"),
+    }
     with running_server(studies, conf, base / "server.log") as srv:
         yield srv
 
 
 def infer(server: Server, image_id: str, **params: object) -> requests.Response:
-    return requests.post(f"{server.url}/infer/unet2d", params={"image": image_id, "output": "image"},
-                         data={"params": json.dumps(params)}, timeout=300)
+    return requests.post(
+        f"{server.url}/infer/unet2d",
+        params={"image": image_id, "output": "image"},
+        data={"params": json.dumps(params)},
+        timeout=300,
+    )
 
 
 def upload_image(server: Server, image_id: str, name: str, payload: bytes) -> None:
-    r = requests.put(f"{server.url}/datastore/image", params={"image": image_id}, files={"file": (name, payload)}, timeout=60)
+    r = requests.put(
+        f"{server.url}/datastore/image", params={"image": image_id}, files={"file": (name, payload)}, timeout=60
+    )
     assert r.status_code == 200, r.text
 
 
@@ -65,15 +77,22 @@ def test_info_lists_unet2d_not_ready(server2d: Server) -> None:
 
 
 def test_png_label_upload_255_is_accepted(server2d: Server) -> None:
-    r = requests.put(f"{server2d.url}/datastore/label", params={"image": "isbi_3", "tag": "final"},
-                     files={"label": ("isbi_3.png", png_bytes(isbi(3, "label")))}, timeout=60)
+    r = requests.put(
+        f"{server2d.url}/datastore/label",
+        params={"image": "isbi_3", "tag": "final"},
+        files={"label": ("isbi_3.png", png_bytes(isbi(3, "label")))},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert (server2d.studies / "labels" / "final" / "isbi_3.png").exists()
 
 
 def test_train_then_png_in_png_out(server2d: Server, tmp_path: Path) -> None:
-    r = requests.post(f"{server2d.url}/train/unet2d", json={"max_epochs": 2, "val_split": 0.25, "train_batch_size": 2,
-                                                           "learning_rate": 1e-3}, timeout=60)
+    r = requests.post(
+        f"{server2d.url}/train/unet2d",
+        json={"max_epochs": 2, "val_split": 0.25, "train_batch_size": 2, "learning_rate": 1e-3},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     status = server2d.wait_train_done()
     assert status["status"] == "DONE", status
@@ -126,11 +145,20 @@ def test_volume_slice_by_slice_keeps_geometry(server2d: Server, tmp_path: Path) 
 
 def test_rgb_image_is_422_and_server_keeps_serving(server2d: Server) -> None:
     rgb = np.stack([isbi(13)[:64, :64]] * 3, axis=-1)
-    r = requests.put(f"{server2d.url}/datastore/image", params={"image": "rgb"}, files={"file": ("rgb.png", png_bytes(rgb))}, timeout=60)
+    r = requests.put(
+        f"{server2d.url}/datastore/image",
+        params={"image": "rgb"},
+        files={"file": ("rgb.png", png_bytes(rgb))},
+        timeout=60,
+    )
     assert r.status_code == 422  # no served model takes 3 channels: refused at the door
     assert "3 channel(s)" in r.json()["detail"] and "1 channel(s) 2D" in r.json()["detail"]
-    r = requests.post(f"{server2d.url}/infer/unet2d", params={"output": "image"}, files={"file": ("rgb.png", png_bytes(rgb))},
-                      timeout=60)
+    r = requests.post(
+        f"{server2d.url}/infer/unet2d",
+        params={"output": "image"},
+        files={"file": ("rgb.png", png_bytes(rgb))},
+        timeout=60,
+    )
     assert r.status_code == 422
     assert "expects 1 channel" in r.json()["detail"] and "got 3" in r.json()["detail"]
     assert requests.get(f"{server2d.url}/info/", timeout=30).status_code == 200

@@ -1,4 +1,5 @@
-"""UNet2D pieces without a server: the Ronneberger network, 2D metrics with hand-computed answers, border weights, slicing."""
+"""UNet2D pieces without a server: the Ronneberger network, 2D metrics with hand-computed answers,
+border weights, slicing."""
 
 from __future__ import annotations
 
@@ -8,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import serving_meta
 from lib.conf import ConfError, parse_label_map
 from lib.metrics import isbi_scores, scores_2d, soft_dice
 from lib.networks import UNet2D, UNet2DSpec, count_parameters
 from lib.transforms import BorderWeightd, RandSliced, border_weight_map
-
-from conftest import serving_meta
 
 
 def two_cells(gap: int = 2) -> np.ndarray:
     """10x22 map: two 10x10 cells (value 1) side by side, ``gap`` membrane columns between them."""
     lab = np.zeros((10, 20 + gap), dtype=np.int64)
     lab[:, :10] = 1
-    lab[:, 10 + gap:] = 1
+    lab[:, 10 + gap :] = 1
     return lab
 
 
@@ -100,7 +100,9 @@ def test_scores_2d_combines_everything() -> None:
     ref = two_cells()
     probs = np.stack([ref == 0, ref == 1]).astype(np.float32)
     s = scores_2d(probs, ref)
-    assert s["dice"] == pytest.approx(1.0) and s["soft_dice"] == pytest.approx(1.0) and s["v_rand"] == pytest.approx(1.0)
+    assert (
+        s["dice"] == pytest.approx(1.0) and s["soft_dice"] == pytest.approx(1.0) and s["v_rand"] == pytest.approx(1.0)
+    )
 
 
 def test_border_weights_match_the_formula() -> None:
@@ -109,7 +111,7 @@ def test_border_weights_match_the_formula() -> None:
     n, n0 = lab.size, int((lab == 0).sum())
     class0 = n / (2 * n0)
     # gap pixel in column 10: 1 px from the left cell, 2 px from the right one
-    assert w[5, 10] == pytest.approx(class0 + 10 * math.exp(-(1 + 2) ** 2 / 50), rel=1e-5)
+    assert w[5, 10] == pytest.approx(class0 + 10 * math.exp(-((1 + 2) ** 2) / 50), rel=1e-5)
     assert w[5, 3] == pytest.approx(n / (2 * (n - n0)))  # inside a cell: class weight only
     single = np.zeros((8, 8), dtype=np.int64)
     single[2:5, 2:5] = 1
@@ -157,9 +159,20 @@ def test_weighted_loss_and_sgd_train_in_process(tmp_path) -> None:
         lab = np.asarray(Image.open(DATA / "isbi2012" / "train" / "label" / f"{i}.png"))[:96, :96]
         Image.fromarray(img).save(studies / f"em{i}.png")
         Image.fromarray(lab).save(studies / "labels" / "final" / f"em{i}.png")
-    app = UNetSegApp(str(APP_DIR), str(studies), {"models": "unet2d", "preset": "tiny", "roi_size": "32",
-                                                   "tracking": "none", "model_dir": str(tmp_path / "model")})
-    stats = app.train({"model": "unet2d", "max_epochs": 1, "loss": "weighted_ce_dice", "optimizer": "sgd", "val_split": 0.34})
+    app = UNetSegApp(
+        str(APP_DIR),
+        str(studies),
+        {
+            "models": "unet2d",
+            "preset": "tiny",
+            "roi_size": "32",
+            "tracking": "none",
+            "model_dir": str(tmp_path / "model"),
+        },
+    )
+    stats = app.train(
+        {"model": "unet2d", "max_epochs": 1, "loss": "weighted_ce_dice", "optimizer": "sgd", "val_split": 0.34}
+    )
     meta = serving_meta(tmp_path / "model", "unet2d")
     assert meta["loss"] == "weighted_ce_dice" and meta["label_map"] == {"255": 1}
     assert stats["val_cases"] == 1 and "cell" in stats["val_dice_per_class"]

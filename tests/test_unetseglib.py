@@ -1,4 +1,5 @@
-"""UNetSegLib (the Slicer module's REST client) against a REAL server: info, next study, infer, submit, train start/status/stop."""
+"""UNetSegLib (the Slicer module's REST client) against a REAL server: info, next study, infer, submit,
+train start/status/stop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_studies, running_server, HIPPO_IDS
+from conftest import HIPPO_IDS, ROOT, make_studies, running_server
 
 sys.path.insert(0, str(ROOT / "slicer_module" / "UNetSeg"))
 
@@ -18,9 +19,11 @@ from UNetSegLib import ServerError, UNetSegClient, parse_multipart  # noqa: E402
 
 
 def test_parse_multipart_without_cgi() -> None:
-    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"params\"\r\nContent-Type: application/json\r\n\r\n{\"a\": 1}\r\n"
-            b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"seg.nii.gz\"\r\n"
-            b"Content-Type: application/gzip\r\n\r\n\x1f\x8b\x00\r\n\x01\r\n--XyZ--\r\n")
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n{"a": 1}\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="seg.nii.gz"\r\n'
+        b"Content-Type: application/gzip\r\n\r\n\x1f\x8b\x00\r\n\x01\r\n--XyZ--\r\n"
+    )
     parts = parse_multipart("multipart/form-data; boundary=XyZ", body)
     assert parts["params"] == (None, b'{"a": 1}')
     assert parts["image"] == ("seg.nii.gz", b"\x1f\x8b\x00\r\n\x01")
@@ -35,8 +38,14 @@ def test_client_unreachable_server_is_plain_words() -> None:
 
 def test_client_against_real_server(tmp_path: Path, require_data: None) -> None:
     studies = make_studies(tmp_path / "studies", labelled=HIPPO_IDS[:3], unlabelled=HIPPO_IDS[3:])
-    conf = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "none", "model_dir": str(tmp_path / "model"),
-            "auto_retrain_after": "0"}
+    conf = {
+        "models": "unet3d",
+        "preset": "tiny",
+        "roi_size": "16",
+        "tracking": "none",
+        "model_dir": str(tmp_path / "model"),
+        "auto_retrain_after": "0",
+    }
     with running_server(studies, conf, tmp_path / "server.log") as srv:
         client = UNetSegClient(srv.url)
         models = client.models()
@@ -56,22 +65,28 @@ def test_client_against_real_server(tmp_path: Path, require_data: None) -> None:
         nxt = client.next_sample("first")
         assert nxt["id"] == "hippocampus_006"
         out, meta = client.infer("unet3d", nxt["id"], str(tmp_path / "seg"), tta=True)
-        assert out.endswith(".nii.gz") and meta["tta"] is True and meta["label_names"] == {"anterior": 1, "posterior": 2}
+        assert (
+            out.endswith(".nii.gz") and meta["tta"] is True and meta["label_names"] == {"anterior": 1, "posterior": 2}
+        )
         seg, src = nib.load(out), nib.load(studies / "hippocampus_006.nii.gz")
         assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
         arr = np.asanyarray(seg.dataobj).astype(np.uint8)
         arr[10:12, 10:12, 10:12] = 1
         nib.save(nib.Nifti1Image(arr, seg.affine), tmp_path / "corrected.nii.gz")
-        reply = client.submit_label(nxt["id"], str(tmp_path / "corrected.nii.gz"),
-                                    label_info=[{"name": "anterior", "idx": 1}, {"name": "posterior", "idx": 2}])
+        reply = client.submit_label(
+            nxt["id"],
+            str(tmp_path / "corrected.nii.gz"),
+            label_info=[{"name": "anterior", "idx": 1}, {"name": "posterior", "idx": 2}],
+        )
         assert reply["image"] == "hippocampus_006"
         assert client.next_sample("first")["id"] == "hippocampus_008"
 
 
 def test_non_contiguous_labels_survive_import_and_export() -> None:
     """FreeSurfer codes (2, 3, 4, 41, ...) -> contiguous Slicer segment values -> back, by name, unchanged."""
-    from conftest import DATA
     from UNetSegLib import colour_table, label_info, remap
+
+    from conftest import DATA
 
     npz = next((DATA / "multilabel" / "voxelmorph_test_scan").glob("*.npz"))
     seg = np.load(npz)["seg"]
@@ -97,8 +112,14 @@ def test_module_file_imports_without_slicer_and_logic_runs_the_loop(tmp_path: Pa
     assert UNetSeg.HAVE_SLICER is False
     UNetSeg.UNetSegTest().runTest()  # unreachable server -> plain words, no hang
     studies = make_studies(tmp_path / "studies", labelled=HIPPO_IDS[:3], unlabelled=HIPPO_IDS[3:])
-    conf = {"models": "unet3d", "preset": "tiny", "roi_size": "16", "tracking": "none", "model_dir": str(tmp_path / "model"),
-            "auto_retrain_after": "1"}
+    conf = {
+        "models": "unet3d",
+        "preset": "tiny",
+        "roi_size": "16",
+        "tracking": "none",
+        "model_dir": str(tmp_path / "model"),
+        "auto_retrain_after": "1",
+    }
     with running_server(studies, conf, tmp_path / "server.log") as srv:
         logic = UNetSeg.UNetSegLogic(srv.url)
         got: dict = {}
@@ -123,7 +144,9 @@ def test_module_file_imports_without_slicer_and_logic_runs_the_loop(tmp_path: Pa
         arr = np.asanyarray(seg.dataobj).astype(np.uint8)
         arr[5:8, 5:8, 5:8] = 2
         nib.save(nib.Nifti1Image(arr, seg.affine), tmp_path / "fixed.nii.gz")
-        logic.submit_label(str(tmp_path / "fixed.nii.gz"), got["seg"]["label_names"], lambda r: got.update(submit=r), errors.append)
+        logic.submit_label(
+            str(tmp_path / "fixed.nii.gz"), got["seg"]["label_names"], lambda r: got.update(submit=r), errors.append
+        )
         logic.wait()
         assert got["submit"]["image"] == got["next"]["id"] and got["submit"]["retrain"]["model"] == "unet3d"
         assert srv.wait_train_done()["status"] == "DONE"

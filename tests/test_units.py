@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose
 
 from conftest import hippo_case
 from lib.conf import AppConf, ConfError, parse_bool, parse_labels, parse_modalities, parse_names, parse_size
@@ -18,7 +19,6 @@ from lib.networks import UNet3DSpec, build_unet3d
 from lib.runtime import cpu_has_native_bf16, resolve_amp
 from lib.trainers.splits import stable_split
 from lib.transforms import InputError, load_chain, zscore_nonzero
-from monai.transforms import Compose
 
 
 def test_conf_parsing() -> None:
@@ -173,19 +173,32 @@ def test_dice_per_class_conventions() -> None:
 
 @pytest.mark.parametrize("family", ["unet3d", "unet2d", "dynunet"])
 def test_mc_dropout_reuses_weights_and_samples_only_when_asked(family: str) -> None:
-    """Dropout layers hold no weights: a dropout-0 checkpoint loads strictly into a dropout net (test-time MC dropout)."""
+    """Dropout layers hold no weights: a dropout-0 checkpoint loads strictly into a dropout net
+    (test-time MC dropout)."""
     from dataclasses import replace
 
     from lib.networks import DynUNetSpec, UNet2DSpec, build_dynunet, build_unet2d
 
     torch.manual_seed(0)
     if family == "unet3d":
-        spec, build, x, roi = UNet3DSpec.from_preset("tiny", 1, 3), build_unet3d, torch.randn(1, 1, 16, 16, 16), (16, 16, 16)
+        spec, build, x, roi = (
+            UNet3DSpec.from_preset("tiny", 1, 3),
+            build_unet3d,
+            torch.randn(1, 1, 16, 16, 16),
+            (16, 16, 16),
+        )
     elif family == "unet2d":
         spec, build, x, roi = UNet2DSpec.from_preset("tiny", 1, 2), build_unet2d, torch.randn(1, 1, 32, 32), (32, 32)
     else:
-        spec = DynUNetSpec(spatial_dims=3, in_channels=1, out_channels=3, kernels=[[3, 3, 3]] * 3,
-                           strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], filters=[4, 8, 16], deep_supervision=False)
+        spec = DynUNetSpec(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=3,
+            kernels=[[3, 3, 3]] * 3,
+            strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+            filters=[4, 8, 16],
+            deep_supervision=False,
+        )
         build, x, roi = build_dynunet, torch.randn(1, 1, 16, 16, 16), (16, 16, 16)
     plain = build(spec).eval()
     dropped = build(replace(spec, dropout=0.5)).eval()  # as the inferer serves it

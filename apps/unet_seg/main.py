@@ -32,9 +32,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.async_tasks.task import AsyncTask
 
-from lib.configs import CONFIG_NAMES, load_config_class
 from lib.activelearning import scoring_methods, strategies
 from lib.conf import AppConf, ConfError, parse_names
+from lib.configs import CONFIG_NAMES, load_config_class
 from lib.datastore import UploadRules, ValidatingDatastore
 from lib.infers.base import ModelNotReady
 from lib.modelstore import ModelStore
@@ -67,10 +67,17 @@ class UNetSegApp(MONAILabelApp):
         labels: list[str] = []  # union of the models' label names, so viewers see them before training
         for cfg in self.models.values():
             labels += [name for name in cfg.labels if name not in labels]
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="unet_seg", labels=labels,
-                         description="U-Net family (UNet2D, UNet3D, nnU-Net) segmentation with training, TTA and active learning",
-                         version="0.1.0")
-        # the command line has no server to post scoring requests to after training (MONAI Label reads its setting at import)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="unet_seg",
+            labels=labels,
+            description="U-Net family (UNet2D, UNet3D, nnU-Net) segmentation with training, TTA and active learning",
+            version="0.1.0",
+        )
+        # the command line has no server to post scoring requests to after training
+        # (MONAI Label reads its setting at import)
         self._auto_update_scoring = self.app_conf.bool("auto_update_scoring", settings.MONAI_LABEL_AUTO_UPDATE_SCORING)
 
     # ---- public accessors (the command line and the routes use these, never the private task dicts) ----
@@ -108,12 +115,17 @@ class UNetSegApp(MONAILabelApp):
         """What uploads must be to serve at least one model: channels and dims, label values; limits."""
         inputs: set[tuple[int, int]] = set()
         values: set[int] = set()
-        for name, cfg in self.models.items():
+        for cfg in self.models.values():
             channels = len(cfg.modalities)
-            inputs |= {(channels, 2), (channels, 3)} if cfg.dims == 2 else {(channels, 3)}  # 2D: images and, slice by slice, volumes
+            # 2D: images and, slice by slice, volumes
+            inputs |= {(channels, 2), (channels, 3)} if cfg.dims == 2 else {(channels, 3)}
             values |= set(cfg.labels.values()) | set(getattr(cfg, "label_map", {}) or {})
-        return UploadRules(inputs=inputs, label_values=values, max_voxels=self.limits.max_voxels,
-                           label_tolerance_mm=self.limits.label_tolerance_mm)
+        return UploadRules(
+            inputs=inputs,
+            label_values=values,
+            max_voxels=self.limits.max_voxels,
+            label_tolerance_mm=self.limits.label_tolerance_mm,
+        )
 
     def on_init_complete(self) -> None:
         """Server mode: put the admission-checked, off-the-loop routes and the body guard in front of MONAI Label's."""
@@ -122,8 +134,10 @@ class UNetSegApp(MONAILabelApp):
         if routes not in ("unet_seg", "monailabel"):
             raise ConfError(f"request_routes: expected unet_seg or monailabel, got {routes!r}")
         if server is not None and routes == "monailabel":
-            logger.warning("request_routes=monailabel: MONAI Label's own routes serve /infer and uploads (inference on the "
-                           "event loop, no admission checks); for side-by-side benchmarks only, never in production")
+            logger.warning(
+                "request_routes=monailabel: MONAI Label's own routes serve /infer and uploads (inference on the "
+                "event loop, no admission checks); for side-by-side benchmarks only, never in production"
+            )
         elif server is not None:
             for cfg in self.models.values():  # only here and at training start: no write can be running
                 cfg.store.recover()
@@ -177,10 +191,14 @@ class UNetSegApp(MONAILabelApp):
     def next_sample(self, request: dict) -> dict:
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
-            raise HTTPException(status_code=404, detail=f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
+            raise HTTPException(
+                status_code=404, detail=f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}"
+            )
         model = request.get("model")
         if model and model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}")
+            raise HTTPException(
+                status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}"
+            )
         try:
             return super().next_sample(request)
         except ModelNotReady as e:
@@ -190,9 +208,7 @@ class UNetSegApp(MONAILabelApp):
 
     def info(self) -> dict[str, Any]:
         out = super().info()
-        out["models_not_ready"] = {
-            name: task.info() for name, task in self._infers.items() if not task.is_valid()
-        }
+        out["models_not_ready"] = {name: task.info() for name, task in self._infers.items() if not task.is_valid()}
         routes = getattr(self, "routes", None)
         if routes is not None:
             out["inference_queue"] = routes.executor.stats()
@@ -201,7 +217,9 @@ class UNetSegApp(MONAILabelApp):
     def infer(self, request: dict, datastore: Any = None) -> dict:
         model = request.get("model")
         if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}")
+            raise HTTPException(
+                status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}"
+            )
         try:
             return super().infer(request, datastore)
         except ModelNotReady as e:
@@ -227,6 +245,8 @@ def warn_if_exposed(security: SecurityConf) -> None:
             host = arg.split("=", 1)[1]
     if not security.auth_enabled and host not in ("127.0.0.1", "localhost", "::1"):
         banner = "!" * 100
-        logger.warning(f"\n{banner}\nunet_seg listens on {host} with AUTHENTICATION OFF: anyone who reaches this port can read "
-                       f"studies, submit labels and start training. Bind 127.0.0.1 or enable MONAI_LABEL_AUTH_ENABLE "
-                       f"with a realm (README, Security).\n{banner}")
+        logger.warning(
+            f"\n{banner}\nunet_seg listens on {host} with AUTHENTICATION OFF: anyone who reaches this port can read "
+            f"studies, submit labels and start training. Bind 127.0.0.1 or enable MONAI_LABEL_AUTH_ENABLE "
+            f"with a realm (README, Security).\n{banner}"
+        )

@@ -9,19 +9,25 @@ QTimer in the widget), so Slicer never freezes and errors are shown in plain wor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from UNetSegLib import ServerError, UNetSegClient, label_info
 
 try:  # inside Slicer
     import qt
     import slicer
-    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                              ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
     from slicer.util import VTKObservationMixin
 
     HAVE_SLICER = True
@@ -48,6 +54,7 @@ except ImportError:  # plain Python (tests, scripts): the Logic works without Qt
         def __init__(self) -> None:
             pass
 
+
 SETTINGS_URL_KEY = "UNetSeg/serverUrl"
 
 
@@ -59,8 +66,10 @@ class UNetSeg(ScriptedLoadableModule):
         parent.title = "UNetSeg"
         parent.categories = ["Segmentation"]
         parent.contributors = ["unet_seg developers"]
-        parent.helpText = ("Connect to a unet_seg server, get the next study worth annotating, segment it (optionally with "
-                           "test-time augmentation), correct it in Segment Editor, submit it and retrain.")
+        parent.helpText = (
+            "Connect to a unet_seg server, get the next study worth annotating, segment it (optionally with "
+            "test-time augmentation), correct it in Segment Editor, submit it and retrain."
+        )
         parent.acknowledgementText = "Built on MONAI Label and MONAI."
 
 
@@ -101,10 +110,8 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
     def wait(self, timeout: float = 600.0) -> None:
         """Block until every pending call finished, then deliver them (scripts and tests)."""
         for fut, _, _ in list(self.pending):
-            try:
+            with contextlib.suppress(Exception):  # delivered by poll()
                 fut.result(timeout=timeout)
-            except Exception:  # delivered by poll()
-                pass
         self.poll()
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -113,22 +120,29 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
 
     def connect(self, on_done: Callable[[dict], None], on_error: Callable[[str], None]) -> Future:
         """Fetch the models (ready or not) and strategies from /info."""
+
         def work() -> dict:
             info = self.client.info()
             self.models = self.client.models(info)
             return {"models": self.models, "strategies": sorted(info.get("strategies", {}))}
+
         return self.submit(work, on_done, on_error)
 
-    def next_study(self, strategy: str, model: str | None, on_done: Callable[[dict], None], on_error: Callable[[str], None]) -> Future:
+    def next_study(
+        self, strategy: str, model: str | None, on_done: Callable[[dict], None], on_error: Callable[[str], None]
+    ) -> Future:
         def work() -> dict:
             res = self.client.next_sample(strategy, **({"model": model} if model else {}))
             if not res:
                 raise ServerError(0, "no unlabelled study is left to annotate")
             self.current = {"image": res["id"], "path": res.get("path")}
             return res
+
         return self.submit(work, on_done, on_error)
 
-    def segment(self, model: str, tta: bool, on_done: Callable[[dict], None], on_error: Callable[[str], None]) -> Future:
+    def segment(
+        self, model: str, tta: bool, on_done: Callable[[dict], None], on_error: Callable[[str], None]
+    ) -> Future:
         """Segment the current study; the result dict has the label file and the server's label names."""
         image = self.current.get("image")
         if not image:
@@ -139,17 +153,27 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
             names = meta.get("label_names") or self.models.get(model, {}).get("labels", {})
             self.current.update({"label": path, "label_names": names, "model": model})
             return {"label": path, "label_names": names, "meta": meta}
+
         return self.submit(work, on_done, on_error)
 
-    def submit_label(self, label_path: str, label_names: dict[str, int], on_done: Callable[[dict], None],
-                     on_error: Callable[[str], None]) -> Future:
+    def submit_label(
+        self,
+        label_path: str,
+        label_names: dict[str, int],
+        on_done: Callable[[dict], None],
+        on_error: Callable[[str], None],
+    ) -> Future:
         """Store the corrected label of the current study (values = the server's label values)."""
         image = self.current.get("image")
         if not image:
             raise ValueError("no current study to submit a label for")
-        return self.submit(lambda: self.client.submit_label(image, label_path, label_info(label_names)), on_done, on_error)
+        return self.submit(
+            lambda: self.client.submit_label(image, label_path, label_info(label_names)), on_done, on_error
+        )
 
-    def train(self, model: str, on_done: Callable[[dict], None], on_error: Callable[[str], None], **params: Any) -> Future:
+    def train(
+        self, model: str, on_done: Callable[[dict], None], on_error: Callable[[str], None], **params: Any
+    ) -> Future:
         return self.submit(lambda: self.client.train_start(model, **params), on_done, on_error)
 
     def stop_training(self, on_done: Callable[[dict], None], on_error: Callable[[str], None]) -> Future:
@@ -157,14 +181,21 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
 
     def training_progress(self, model: str, on_done: Callable[[dict], None], on_error: Callable[[str], None]) -> Future:
         """``{status, epoch, max_epochs, percent, last_dice}`` of the running or last training."""
+
         def work() -> dict:
             status = self.client.train_status()
             stats = self.client.info().get("train_stats", {}).get(model, {})
             history = stats.get("history") or []
             epoch = history[-1]["epoch"] if history else 0
             total = stats.get("max_epochs") or 0
-            return {"status": status.get("status", "none"), "epoch": epoch, "max_epochs": total,
-                    "percent": int(100 * epoch / total) if total else 0, "last_dice": stats.get("val_mean_dice")}
+            return {
+                "status": status.get("status", "none"),
+                "epoch": epoch,
+                "max_epochs": total,
+                "percent": int(100 * epoch / total) if total else 0,
+                "last_dice": stats.get("val_mean_dice"),
+            }
+
         return self.submit(work, on_done, on_error)
 
     # ---- Slicer scene (only inside Slicer) ---------------------------------------------------
@@ -172,16 +203,18 @@ class UNetSegLogic(ScriptedLoadableModuleLogic):
         """Load the label into a segmentation node through a colour table built from the label NAMES."""
         import UNetSegScene
 
-        return UNetSegScene.import_label(slicer.mrmlScene, slicer.modules.segmentations.logic(), label_path, label_names,
-                                         reference_volume)
+        return UNetSegScene.import_label(
+            slicer.mrmlScene, slicer.modules.segmentations.logic(), label_path, label_names, reference_volume
+        )
 
     def export_label(self, segmentation: Any, reference_volume: Any, label_names: dict[str, int]) -> str:
         """Write the corrected segmentation as a label map whose values are the server's (by segment name)."""
         import UNetSegScene
 
         path = os.path.join(self.workdir, f"{self.current.get('image', 'label')}_corrected.nii.gz")
-        return UNetSegScene.export_label(slicer.mrmlScene, slicer.modules.segmentations.logic(), segmentation,
-                                         reference_volume, label_names, path)
+        return UNetSegScene.export_label(
+            slicer.mrmlScene, slicer.modules.segmentations.logic(), segmentation, reference_volume, label_names, path
+        )
 
 
 def plain_words(exc: BaseException) -> str:
@@ -247,13 +280,22 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for s in res["strategies"]:
                 self.ui.strategySelector.addItem(s)
             not_ready = [n for n, m in res["models"].items() if not m["ready"]]
-            self.status(f"Connected. Models: {', '.join(res['models'])}" + (f" (not trained yet: {', '.join(not_ready)})" if not_ready else ""))
+            self.status(
+                f"Connected. Models: {', '.join(res['models'])}"
+                + (f" (not trained yet: {', '.join(not_ready)})" if not_ready else "")
+            )
+
         self.logic.connect(done, self.status)
 
     def on_next(self) -> None:
         def done(res: dict) -> None:
-            self.volume = slicer.util.loadVolume(res["path"]) if res.get("path") and os.path.exists(res["path"]) else None
-            self.status(f"Study {res['id']}" + (f" (uncertainty {res['score']:.3f})" if res.get("score") is not None else ""))
+            self.volume = (
+                slicer.util.loadVolume(res["path"]) if res.get("path") and os.path.exists(res["path"]) else None
+            )
+            self.status(
+                f"Study {res['id']}" + (f" (uncertainty {res['score']:.3f})" if res.get("score") is not None else "")
+            )
+
         self.logic.next_study(self.ui.strategySelector.currentText or "first", self.model(), done, self.status)
 
     def on_segment(self) -> None:
@@ -265,7 +307,10 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except (ValueError, OSError) as e:
                 self.status(f"Could not show the segmentation: {e}")
                 return
-            self.status(f"Segmented with {self.model()} version {res['meta'].get('model_version')}; correct it, then Submit")
+            self.status(
+                f"Segmented with {self.model()} version {res['meta'].get('model_version')}; correct it, then Submit"
+            )
+
         try:
             self.logic.segment(self.model(), bool(self.ui.ttaCheckBox.checked), done, self.status)
         except ValueError as e:
@@ -284,11 +329,16 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(res: dict) -> None:
             retrain = res.get("retrain")
-            self.status("Label stored" + (f"; retraining {retrain['model']} started" if retrain and retrain.get("task") else ""))
+            self.status(
+                "Label stored" + (f"; retraining {retrain['model']} started" if retrain and retrain.get("task") else "")
+            )
+
         self.logic.submit_label(path, names, done, self.status)
 
     def on_train(self) -> None:
-        self.logic.train(self.model(), lambda _: (self.status("Training started"), self.progress_timer.start()), self.status)
+        self.logic.train(
+            self.model(), lambda _: (self.status("Training started"), self.progress_timer.start()), self.status
+        )
 
     def on_stop(self) -> None:
         self.logic.stop_training(lambda _: self.status("Training stopped"), self.status)
@@ -300,6 +350,7 @@ class UNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.status(f"Training {p['status']}: epoch {p['epoch']}/{p['max_epochs']}{dice}")
             if p["status"] not in ("SUBMITTED", "RUNNING"):
                 self.progress_timer.stop()
+
         self.logic.training_progress(self.model(), done, self.status)
 
     def cleanup(self) -> None:

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import slicer
-
 from UNetSegLib import colour_table
 
 COLOUR_NODE_NAME = "UNetSegColours"
@@ -79,8 +78,14 @@ def segment_values(segmentation_node: Any) -> dict[str, int]:
     return out
 
 
-def import_label(scene: Any, logic: Any, label_path: str, label_names: Mapping[str, int], reference_volume: Any,
-                 name: str = "UNetSeg") -> Any:
+def import_label(
+    scene: Any,
+    logic: Any,
+    label_path: str,
+    label_names: Mapping[str, int],
+    reference_volume: Any,
+    name: str = "UNetSeg",
+) -> Any:
     """A segmentation node from a server label file: one segment per present value, named by ``label_names``.
 
     Values the server did not name raise ``ValueError`` (they would otherwise become segments
@@ -110,8 +115,9 @@ def import_label(scene: Any, logic: Any, label_path: str, label_names: Mapping[s
         scene.RemoveNode(labelmap)
 
 
-def export_label(scene: Any, logic: Any, segmentation: Any, reference_volume: Any, label_names: Mapping[str, int],
-                 path: str) -> str:
+def export_label(
+    scene: Any, logic: Any, segmentation: Any, reference_volume: Any, label_names: Mapping[str, int], path: str
+) -> str:
     """Write every segment (hidden ones too) as one label map on the reference grid, values from the segment NAMES.
 
     A segment whose name the server does not know raises ``ValueError`` naming it (rename it to
@@ -120,15 +126,18 @@ def export_label(scene: Any, logic: Any, segmentation: Any, reference_volume: An
     names = segment_values(segmentation)
     unknown = sorted(n for n in names if n not in label_names)
     if unknown:
-        raise ValueError(f"segments {unknown} are not labels of this model ({sorted(label_names)}); "
-                         "rename or delete them before submitting")
+        raise ValueError(
+            f"segments {unknown} are not labels of this model ({sorted(label_names)}); "
+            "rename or delete them before submitting"
+        )
     colours = colour_node(scene, label_names)
     seg = segmentation.GetSegmentation()
     ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
-        ok = logic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, reference_volume,
-                                                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colours)
+        ok = logic.ExportSegmentsToLabelmapNode(
+            segmentation, ids, labelmap, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colours
+        )
         if not ok:
             raise ValueError("Slicer could not export the segmentation to a label map")
         return write_volume(scene, labelmap, path)

@@ -2,8 +2,9 @@
 
 Two score kinds, each a scoring method (POST /scoring/<kind>, scores every unlabelled study and
 stores the scores in the datastore's image info as ``<kind>_<model>`` with the model version and
-params that made them; a stored score with the same signature is reused unless ``force``) and a strategy (POST /activelearning/<kind>, the highest-scoring free
-study; unscored or stale studies are scored on demand):
+params that made them; a stored score with the same signature is reused unless ``force``) and a
+strategy (POST /activelearning/<kind>, the highest-scoring free study; unscored or stale studies
+are scored on demand):
 
 * ``uncertainty``: the served model's flip-TTA probabilities (the mean over all axis flips) give
   a per-voxel entropy; the study's score is the mean normalised entropy over the voxels the model
@@ -61,7 +62,9 @@ def entropy_score(probs: torch.Tensor, background_floor: float = 0.05) -> float:
     return _foreground_mean(_normalised_entropy(probs), probs, background_floor)
 
 
-def mutual_information_score(mean_probs: torch.Tensor, mean_entropy: torch.Tensor, background_floor: float = 0.05) -> float:
+def mutual_information_score(
+    mean_probs: torch.Tensor, mean_entropy: torch.Tensor, background_floor: float = 0.05
+) -> float:
     """BALD: mean over not-clear-background voxels of H(mean p) - mean H(p), normalised by log K (0 if none)."""
     mi = (_normalised_entropy(mean_probs) - mean_entropy.float() / np.log(mean_probs.shape[0])).clamp_min(0)
     return _foreground_mean(mi, mean_probs, background_floor)
@@ -90,8 +93,11 @@ def study_epistemic(task: Any, image_uri: str, request: Mapping[str, Any] | None
     data, dev = _prepared(task, image_uri, request)
     dropout = request.get("dropout")
     mean_p, mean_h, _ = task.mc_dropout_statistics(
-        data, dev, parse_int(request.get("samples", 10), "samples", 2),
-        None if dropout in (None, "") else parse_float(dropout, "dropout"))
+        data,
+        dev,
+        parse_int(request.get("samples", 10), "samples", 2),
+        None if dropout in (None, "") else parse_float(dropout, "dropout"),
+    )
     return mutual_information_score(mean_p, mean_h)
 
 
@@ -113,22 +119,32 @@ class ScoreKind:
         version = task.info().get("version", {}).get("version")
         return {"version": version, **{p: request.get(p) for p in self.params}}
 
-    def stored_or_computed(self, task: Any, model: str, image_id: str, datastore: Datastore,
-                           request: Mapping[str, Any], force: bool = False) -> float:
+    def stored_or_computed(
+        self,
+        task: Any,
+        model: str,
+        image_id: str,
+        datastore: Datastore,
+        request: Mapping[str, Any],
+        force: bool = False,
+    ) -> float:
         """The study's stored score when it was made by the same model version and params, else compute and store it."""
         key, info = self.key(model), datastore.get_image_info(image_id)
         signature = self.signature(task, request)
         if not force and key in info and info.get(f"{key}_signature") == signature:
             return float(info[key])
         score = self.compute(task, datastore.get_image_uri(image_id), request)
-        datastore.update_image_info(image_id, {key: score, f"{key}_signature": signature,
-                                               f"{key}_version": signature["version"]})
+        datastore.update_image_info(
+            image_id, {key: score, f"{key}_signature": signature, f"{key}_version": signature["version"]}
+        )
         return score
 
 
 SCORES: dict[str, ScoreKind] = {
     "uncertainty": ScoreKind("uncertainty", "flip-TTA entropy", study_uncertainty),
-    "epistemic": ScoreKind("epistemic", "MC-dropout mutual information (BALD)", study_epistemic, ("samples", "dropout")),
+    "epistemic": ScoreKind(
+        "epistemic", "MC-dropout mutual information (BALD)", study_epistemic, ("samples", "dropout")
+    ),
 }
 
 
@@ -154,15 +170,19 @@ class StudyScoring(ScoringMethod):
         # scores are deterministic for a model version and params (TTA; seeded MC dropout), so a stored
         # one is reused unless asked: MONAI Label re-runs every scoring method after each /activelearning call
         force = parse_bool(request.get("force", False), "force")
-        models = [ready_model(self.infers, request, self.kind.name)] if explicit else \
-            [m for m, t in self.infers.items() if t.is_valid()]
+        models = (
+            [ready_model(self.infers, request, self.kind.name)]
+            if explicit
+            else [m for m, t in self.infers.items() if t.is_valid()]
+        )
         out: dict[str, dict[str, float]] = {}
         skipped: dict[str, str] = {}
         for model in models:
             try:
                 for image_id in datastore.get_unlabeled_images():
                     out.setdefault(model, {})[image_id] = self.kind.stored_or_computed(
-                        self.infers[model], model, image_id, datastore, request, force=force)
+                        self.infers[model], model, image_id, datastore, request, force=force
+                    )
             except ModelNotReady as e:  # e.g. MC dropout on a model trained without dropout
                 if explicit:
                     raise
@@ -242,14 +262,21 @@ class ScoredStrategy(LeasedStrategy):
 
     def details(self, image_id: str, request: dict, datastore: Datastore) -> dict:
         model = ready_model(self.infers, request, self.kind.name)
-        return {"model": model, "score": datastore.get_image_info(image_id).get(self.kind.key(model)), "score_kind": self.kind.name}
+        return {
+            "model": model,
+            "score": datastore.get_image_info(image_id).get(self.kind.key(model)),
+            "score_kind": self.kind.name,
+        }
 
 
 def strategies(infers: Mapping[str, Any]) -> dict[str, Strategy]:
     """The app's strategies (one lease table shared by all)."""
     leases = _Leases()
-    return {"first": FirstStrategy(leases), "random": RandomStrategy(leases),
-            **{kind: ScoredStrategy(kind, leases, infers) for kind in SCORES}}
+    return {
+        "first": FirstStrategy(leases),
+        "random": RandomStrategy(leases),
+        **{kind: ScoredStrategy(kind, leases, infers) for kind in SCORES},
+    }
 
 
 def scoring_methods(infers: Mapping[str, Any]) -> dict[str, ScoringMethod]:

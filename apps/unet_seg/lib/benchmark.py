@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .runtime import resolve_amp, resolve_device
+from .runtime import AmpPolicy, resolve_amp, resolve_device
 
 
 def _network_for(task: Any, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -42,7 +42,9 @@ def time_steps(step: Any, warmup: int, steps: int, device: torch.device) -> list
     return out
 
 
-def run_benchmark(ws: Any, task: Any, mode: str, batch_sizes: Sequence[int], warmup: int, steps: int, device_name: str) -> dict[str, Any]:
+def run_benchmark(
+    ws: Any, task: Any, mode: str, batch_sizes: Sequence[int], warmup: int, steps: int, device_name: str
+) -> dict[str, Any]:
     """Benchmark table + JSON for ``mode`` in (train, predict)."""
     device = resolve_device(device_name)
     net, meta = _network_for(task, device)
@@ -60,7 +62,8 @@ def run_benchmark(ws: Any, task: Any, mode: str, batch_sizes: Sequence[int], war
             if mode == "predict":
                 net.eval()
 
-                def step() -> None:
+                # loop values bound as defaults: each step() is timed in the iteration that defines it
+                def step(x: torch.Tensor = x, policy: AmpPolicy = policy) -> None:
                     with torch.no_grad(), policy.autocast():
                         net(x)
             else:
@@ -69,7 +72,13 @@ def run_benchmark(ws: Any, task: Any, mode: str, batch_sizes: Sequence[int], war
                 opt = torch.optim.SGD(net.parameters(), lr=1e-6)
                 loss_fn = torch.nn.CrossEntropyLoss()
 
-                def step() -> None:
+                def step(
+                    x: torch.Tensor = x,
+                    y: torch.Tensor = y,
+                    policy: AmpPolicy = policy,
+                    opt: torch.optim.Optimizer = opt,
+                    loss_fn: torch.nn.Module = loss_fn,
+                ) -> None:
                     opt.zero_grad(set_to_none=True)
                     with policy.autocast():
                         out = net(x)
@@ -78,20 +87,43 @@ def run_benchmark(ws: Any, task: Any, mode: str, batch_sizes: Sequence[int], war
                         loss = loss_fn(out.float(), y[:, 0])
                     loss.backward()
                     opt.step()
+
             secs = np.array(time_steps(step, warmup, steps, device)) * 1000.0
-            rows.append({"batch_size": bs, "amp": amp_flag, "precision": policy.describe(),
-                         "throughput_img_s": float(bs / (secs.mean() / 1000.0)),
-                         "latency_ms_mean": float(secs.mean()), "latency_ms_p90": float(np.percentile(secs, 90)),
-                         "latency_ms_p95": float(np.percentile(secs, 95)), "latency_ms_p99": float(np.percentile(secs, 99))})
+            rows.append(
+                {
+                    "batch_size": bs,
+                    "amp": amp_flag,
+                    "precision": policy.describe(),
+                    "throughput_img_s": float(bs / (secs.mean() / 1000.0)),
+                    "latency_ms_mean": float(secs.mean()),
+                    "latency_ms_p90": float(np.percentile(secs, 90)),
+                    "latency_ms_p95": float(np.percentile(secs, 95)),
+                    "latency_ms_p99": float(np.percentile(secs, 99)),
+                }
+            )
     net.eval()
-    table = ["| Batch size | AMP | Precision | Throughput (img/s) | Latency mean (ms) | p90 (ms) | p95 (ms) | p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| Batch size | AMP | Precision | Throughput (img/s) | Latency mean (ms) | p90 (ms) | p95 (ms) | p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "skipped" in r:
             table.append(f"| - | on | - | skipped: {r['skipped']} | | | | |")
             continue
-        table.append(f"| {r['batch_size']} | {'on' if r['amp'] else 'off'} | {r['precision']} | {r['throughput_img_s']:.2f} | "
-                     f"{r['latency_ms_mean']:.1f} | {r['latency_ms_p90']:.1f} | {r['latency_ms_p95']:.1f} | {r['latency_ms_p99']:.1f} |")
-    return {"mode": mode, "model": task.model_name, "window": roi, "warmup_steps": warmup, "timed_steps": steps,
-            "device": str(device), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "rows": rows, "table": "\n".join(table)}
+        table.append(
+            f"| {r['batch_size']} | {'on' if r['amp'] else 'off'} | {r['precision']} | {r['throughput_img_s']:.2f} | "
+            f"{r['latency_ms_mean']:.1f} | {r['latency_ms_p90']:.1f} | {r['latency_ms_p95']:.1f} | "
+            f"{r['latency_ms_p99']:.1f} |"
+        )
+    return {
+        "mode": mode,
+        "model": task.model_name,
+        "window": roi,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "device": str(device),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "rows": rows,
+        "table": "\n".join(table),
+    }

@@ -12,7 +12,6 @@ on reading; meta from a newer schema is refused.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -36,11 +35,6 @@ class Validation:
     mean_dice: float | None
     per_class: dict[str, float | None] = field(default_factory=dict)
     cases: list[str] = field(default_factory=list)  # validation case ids (empty: unknown, e.g. imported models)
-
-    @property
-    def split_hash(self) -> str:
-        """Short digest of the validation cases (two results are comparable when it matches)."""
-        return hashlib.sha256("\n".join(sorted(self.cases)).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -94,15 +88,19 @@ class CheckpointMeta:
         unknown = sorted(set(data) - names)
         if unknown and strict:
             raise MetaError(f"meta has unknown keys: {', '.join(unknown[:10])}")
-        missing = [k for k in ("model", "labels", "in_channels", "spatial_dims", "spec", "roi_size") if data.get(k) is None]
+        missing = [
+            k for k in ("model", "labels", "in_channels", "spatial_dims", "spec", "roi_size") if data.get(k) is None
+        ]
         if missing:
             raise MetaError(f"meta lacks {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in names}
         val = kwargs.get("validation")
         if isinstance(val, Mapping):
-            kwargs["validation"] = Validation(mean_dice=_opt_float(val.get("mean_dice")),
-                                              per_class={str(k): _opt_float(v) for k, v in dict(val.get("per_class") or {}).items()},
-                                              cases=[str(c) for c in val.get("cases") or []])
+            kwargs["validation"] = Validation(
+                mean_dice=_opt_float(val.get("mean_dice")),
+                per_class={str(k): _opt_float(v) for k, v in dict(val.get("per_class") or {}).items()},
+                cases=[str(c) for c in val.get("cases") or []],
+            )
         elif val is not None:
             raise MetaError("meta validation must be an object")
         meta = cls(**kwargs)
@@ -113,8 +111,14 @@ class CheckpointMeta:
         """Types and ranges of the fields a server relies on."""
         if not isinstance(self.model, str) or not self.model:
             raise MetaError("meta model must be a name")
-        if not isinstance(self.labels, Mapping) or not self.labels or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in self.labels.items()):
+        if (
+            not isinstance(self.labels, Mapping)
+            or not self.labels
+            or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+                for k, v in self.labels.items()
+            )
+        ):
             raise MetaError(f"meta labels must map names to values >= 1, got {self.labels!r}"[:200])
         if not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise MetaError(f"meta in_channels must be >= 1, got {self.in_channels!r}")
@@ -136,10 +140,17 @@ class CheckpointMeta:
 
     def summary(self) -> dict[str, Any]:
         """The short form /info and the CLI show."""
-        return {"version": self.version, "created": self.created, "source": self.source, "epoch": self.epoch,
-                "parent": self.parent, "fold": self.fold, "val_mean_dice": self.val_mean_dice,
-                "val_dice_per_class": dict(self.validation.per_class) if self.validation else {},
-                "val_cases": len(self.validation.cases) if self.validation else 0}
+        return {
+            "version": self.version,
+            "created": self.created,
+            "source": self.source,
+            "epoch": self.epoch,
+            "parent": self.parent,
+            "fold": self.fold,
+            "val_mean_dice": self.val_mean_dice,
+            "val_dice_per_class": dict(self.validation.per_class) if self.validation else {},
+            "val_cases": len(self.validation.cases) if self.validation else 0,
+        }
 
 
 def _opt_float(value: Any) -> float | None:
@@ -152,13 +163,17 @@ def _opt_float(value: Any) -> float | None:
 
 def _upgrade_v1(old: Mapping[str, Any]) -> dict[str, Any]:
     """Meta of the single-file models written before the schema: same facts, other names."""
-    data = {k: v for k, v in old.items() if k not in ("version", "published_at", "val_mean_dice", "val_dice_per_class",
-                                                      "initialised_from", "schema_version")}
+    renamed = ("version", "published_at", "val_mean_dice", "val_dice_per_class", "initialised_from", "schema_version")
+    data = {k: v for k, v in old.items() if k not in renamed}
     data["created"] = str(old.get("published_at") or "")
     data["parent"] = None
     data["run_id"] = old.get("run_id") or old.get("version")
     if old.get("val_mean_dice") is not None or old.get("val_dice_per_class"):
-        data["validation"] = {"mean_dice": old.get("val_mean_dice"), "per_class": old.get("val_dice_per_class") or {}, "cases": []}
+        data["validation"] = {
+            "mean_dice": old.get("val_mean_dice"),
+            "per_class": old.get("val_dice_per_class") or {},
+            "cases": [],
+        }
     data["schema_version"] = META_SCHEMA
     return data
 

@@ -1,4 +1,5 @@
-"""The standalone command line (``python main.py MODE ...``) over the same configs, trainers, engine and metrics as the server.
+"""The standalone command line (``python main.py MODE ...``) over the same configs, trainers, engine
+and metrics as the server.
 
 Every mode works in a ``--results`` folder:
 
@@ -42,7 +43,9 @@ class CliError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of every mode, documented in ``--help``."""
-    p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("mode", nargs="?", choices=MODES, help="what to run (or --exec_mode)")
     p.add_argument("action", nargs="?", help=f"models mode: {', '.join(MODEL_ACTIONS)}")
     p.add_argument("version", nargs="?", help="models promote/pin/unpin: the version id (e.g. v3)")
@@ -50,44 +53,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help=f"model config: {', '.join(CONFIG_NAMES)}")
     p.add_argument("--data", help="MSD-style folder with dataset.json, or a folder with images/ and labels/")
     p.add_argument("--results", required=True, help="output folder (model/, predictions/, eval.json, ...)")
-    p.add_argument("--model_dir", default=None, help="model dir to use instead of RESULTS/model (e.g. a server's, for 'models')")
-    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
-                   help="config key as for the server's --conf (e.g. preset=small, roi_size=40,56,40, labels=a,b); repeatable")
+    p.add_argument(
+        "--model_dir", default=None, help="model dir to use instead of RESULTS/model (e.g. a server's, for 'models')"
+    )
+    p.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config key as for the server's --conf (e.g. preset=small, roi_size=40,56,40, labels=a,b); repeatable",
+    )
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimisation steps in total (0: no limit)")
+    g.add_argument(
+        "--max_steps", type=int, default=0, help="stop after this many optimisation steps in total (0: no limit)"
+    )
     g.add_argument("--batch_size", default=None, help="training batch size; benchmark: a comma list, e.g. 1,2,4")
     g.add_argument("--learning_rate", type=float, default=None, help="learning rate (default: the config's)")
-    g.add_argument("--fold", type=int, default=None, help="train fold k of a persisted k-fold split (model/<config>_folds.json)")
+    g.add_argument(
+        "--fold", type=int, default=None, help="train fold k of a persisted k-fold split (model/<config>_folds.json)"
+    )
     g.add_argument("--nfolds", type=int, default=5, help="number of folds with --fold")
     g.add_argument("--val_split", type=float, default=0.2, help="validation fraction of the persisted single split")
     g.add_argument("--seed", type=int, default=0, help="split and sampling seed")
-    g.add_argument("--resume_training", action="store_true",
-                   help="continue an interrupted run from model/<config>_resume.pt (weights, optimizer, epoch, lr schedule; "
-                        "saved after every epoch); the split is kept")
-    g.add_argument("--world_size", type=int, default=1, help="processes (gloo on CPU, NCCL on CUDA); torchrun also works")
+    g.add_argument(
+        "--resume_training",
+        action="store_true",
+        help="continue an interrupted run from model/<config>_resume.pt (weights, optimizer, epoch, lr schedule; "
+        "saved after every epoch); the split is kept",
+    )
+    g.add_argument(
+        "--world_size", type=int, default=1, help="processes (gloo on CPU, NCCL on CUDA); torchrun also works"
+    )
     g.add_argument("--num_workers", type=int, default=0, help="data-loader worker processes")
     g.add_argument("--iterations_per_epoch", type=int, default=None, help="nnU-Net: batches per epoch")
     g = p.add_argument_group("inference")
-    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate/predict/export/benchmark (default: results/model/<config>.pt)")
+    g.add_argument(
+        "--ckpt",
+        default=None,
+        help="checkpoint to evaluate/predict/export/benchmark (default: results/model/<config>.pt)",
+    )
     g.add_argument("--tta", action="store_true", help="flip test-time augmentation over every axis combination")
     g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     g.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian", help="window blending")
     g.add_argument("--save_preds", action="store_true", help="evaluate: keep the predicted label files")
     g.add_argument("--save_probs", action="store_true", help="predict: also write softmax probability maps")
-    g.add_argument("--split", default="auto", help="evaluate: 'validation' (the persisted split), 'all' labelled cases, or 'auto'")
+    g.add_argument(
+        "--split", default="auto", help="evaluate: 'validation' (the persisted split), 'all' labelled cases, or 'auto'"
+    )
     g = p.add_argument_group("both")
-    g.add_argument("--amp", nargs="?", const="true", default="true", metavar="true|false|fp16|bf16",
-                   help="mixed precision, the server's rule (lib/runtime.py): default true = fp16 on CUDA, bf16 on CPUs "
-                        "with avx512_bf16 or AMX, fp32 elsewhere; false = fp32")
+    g.add_argument(
+        "--amp",
+        nargs="?",
+        const="true",
+        default="true",
+        metavar="true|false|fp16|bf16",
+        help="mixed precision, the server's rule (lib/runtime.py): default true = fp16 on CUDA, bf16 on CPUs "
+        "with avx512_bf16 or AMX, fp32 elsewhere; false = fp32",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g = p.add_argument_group("benchmark")
-    g.add_argument("--bench_mode", "--benchmark_mode", dest="bench_mode", choices=("train", "predict"), default="predict")
+    g.add_argument(
+        "--bench_mode", "--benchmark_mode", dest="bench_mode", choices=("train", "predict"), default="predict"
+    )
     g.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first")
     g.add_argument("--bench_steps", type=int, default=10, help="timed steps")
     g = p.add_argument_group("export")
     g.add_argument("--formats", default="torchscript,onnx", help="comma list: torchscript, onnx")
-    g.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed between exported and PyTorch outputs")
+    g.add_argument(
+        "--tolerance", type=float, default=1e-3, help="max abs difference allowed between exported and PyTorch outputs"
+    )
     return p
 
 
@@ -114,8 +149,12 @@ class Workspace:
         self.studies = os.path.join(self.results, "studies")
         os.makedirs(self.model_dir, exist_ok=True)
         os.makedirs(self.studies, exist_ok=True)
-        self.conf: dict[str, str] = {"models": args.config, "model_dir": self.model_dir, "tracking": "none",
-                                     "auto_update_scoring": "false"}  # no server to post scoring requests to
+        self.conf: dict[str, str] = {
+            "models": args.config,
+            "model_dir": self.model_dir,
+            "tracking": "none",
+            "auto_update_scoring": "false",  # no server to post scoring requests to
+        }
         if args.data:
             names = label_names(args.data)
             if names:
@@ -173,6 +212,7 @@ class Workspace:
 
 # ---- modes -------------------------------------------------------------------------------------
 
+
 def mode_plan(ws: Workspace) -> dict:
     """nnU-Net: fingerprint the labelled cases and write the plan; other configs: print their fixed settings."""
     args = ws.args
@@ -181,8 +221,15 @@ def mode_plan(ws: Workspace) -> dict:
     if hasattr(trainer, "make_plan"):  # self-configuring models plan from the data
         datalist = [{"image": c.image, "label": c.label} for c in cases]
         plan = trainer.make_plan(datalist, replan=True)
-        print(json.dumps({k: getattr(plan, k) for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides", "filters")},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    k: getattr(plan, k)
+                    for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides", "filters")
+                },
+                indent=2,
+            )
+        )
         return {"plan": trainer.plan_path}
     info = ws.app().info()["trainers"][args.config]
     print(json.dumps(info.get("config", {}), indent=2, default=str))
@@ -201,13 +248,25 @@ def _batch_sizes(text: str) -> list[int]:
 
 def train_request(args: argparse.Namespace) -> dict:
     """The /train request the flags describe."""
-    req: dict[str, Any] = {"model": args.config, "amp": args.amp, "device": args.device, "world_size": args.world_size,
-                           "val_split": args.val_split, "split_seed": args.seed, "pretrained": bool(args.resume_training),
-                           "resume": bool(args.resume_training),
-                           "train_num_workers": args.num_workers, "val_num_workers": args.num_workers}
+    req: dict[str, Any] = {
+        "model": args.config,
+        "amp": args.amp,
+        "device": args.device,
+        "world_size": args.world_size,
+        "val_split": args.val_split,
+        "split_seed": args.seed,
+        "pretrained": bool(args.resume_training),
+        "resume": bool(args.resume_training),
+        "train_num_workers": args.num_workers,
+        "val_num_workers": args.num_workers,
+    }
     batch = _batch_sizes(args.batch_size)[0] if args.batch_size else None
-    for key, value in (("max_epochs", args.epochs), ("train_batch_size", batch), ("learning_rate", args.learning_rate),
-                       ("iterations_per_epoch", args.iterations_per_epoch)):
+    for key, value in (
+        ("max_epochs", args.epochs),
+        ("train_batch_size", batch),
+        ("learning_rate", args.learning_rate),
+        ("iterations_per_epoch", args.iterations_per_epoch),
+    ):
         if value is not None:
             req[key] = value
     if args.max_steps:
@@ -230,13 +289,24 @@ def mode_train(ws: Workspace) -> dict:
 
         written = plot_history(stats.get("history", []), os.path.join(ws.results, "plots"), ws.args.config)
         stats["plots"] = written
-        print(json.dumps({k: stats.get(k) for k in ("train_cases", "val_cases", "val_dice_per_class", "published", "wall_time_s", "plots")},
-                         indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    k: stats.get(k)
+                    for k in ("train_cases", "val_cases", "val_dice_per_class", "published", "wall_time_s", "plots")
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return stats
 
 
 def _require_model(ws: Workspace) -> Any:
-    """The config's inferer, ready to serve (else the reason, e.g. no trained version: run 'main.py train' or pass --ckpt)."""
+    """The config's inferer, ready to serve.
+
+    Else the reason, e.g. no trained version: run 'main.py train' or pass --ckpt.
+    """
     task = ws.infer_task()
     if not task.is_valid():
         raise CliError(task.not_ready_reason())
@@ -245,8 +315,15 @@ def _require_model(ws: Workspace) -> Any:
 
 def infer_request(args: argparse.Namespace, image: Any) -> dict:
     """The /infer request the flags describe."""
-    return {"model": args.config, "image": image, "tta": bool(args.tta), "overlap": args.overlap, "blend": args.blend,
-            "amp": args.amp, "device": args.device}
+    return {
+        "model": args.config,
+        "image": image,
+        "tta": bool(args.tta),
+        "overlap": args.overlap,
+        "blend": args.blend,
+        "amp": args.amp,
+        "device": args.device,
+    }
 
 
 def _predict_one(ws: Workspace, case: Case, out_dir: str) -> str:
@@ -272,7 +349,9 @@ def _overlay(ws: Workspace, case: Case, label_path: str) -> str:
     if image.ndim == np.asarray(loader(label_path)).ndim + 1:  # channels last (4D / RGB): show the first
         image = image[..., 0]
     labels = dict(ws.app().infer_task(ws.args.config).labels)
-    return plot_overlay(image, np.asarray(loader(label_path)), os.path.join(ws.results, "plots", f"{case.name}_overlay.png"), labels)
+    return plot_overlay(
+        image, np.asarray(loader(label_path)), os.path.join(ws.results, "plots", f"{case.name}_overlay.png"), labels
+    )
 
 
 def mode_predict(ws: Workspace) -> dict:
@@ -292,8 +371,11 @@ def mode_predict(ws: Workspace) -> dict:
         if i == 0:
             written.append(_overlay(ws, case, written[-1]))
         if ws.args.save_probs:
-            written.append(task.save_probabilities(case.image, os.path.join(out_dir, f"{case.name}_probs.nii.gz"),
-                                                   infer_request(ws.args, case.image)))
+            written.append(
+                task.save_probabilities(
+                    case.image, os.path.join(out_dir, f"{case.name}_probs.nii.gz"), infer_request(ws.args, case.image)
+                )
+            )
     print(f"{len(cases)} prediction(s) in {out_dir}")
     return {"predictions": written}
 
@@ -338,7 +420,10 @@ def mode_evaluate(ws: Workspace) -> dict:
         for src, dst in label_map.items():
             ref[ref == src] = dst
         if pred.shape != ref.shape:
-            raise CliError(f"{case.label}: reference shape {ref.shape} differs from the prediction's {pred.shape} (image {case.image})")
+            raise CliError(
+                f"{case.label}: reference shape {ref.shape} differs from the prediction's {pred.shape} "
+                f"(image {case.image})"
+            )
         affine = np.asarray(getattr(ref_img, "affine", np.eye(4)))
         spacing = np.linalg.norm(affine[: pred.ndim, : pred.ndim], axis=0) if affine.shape[0] > pred.ndim else None
         row = {"case": case.name, **evaluate_case(pred, ref, labels, spacing)}
@@ -369,7 +454,9 @@ def mode_benchmark(ws: Workspace) -> dict:
 
     task = _require_model(ws)
     sizes = _batch_sizes(ws.args.batch_size or "1")
-    result = run_benchmark(ws, task, ws.args.bench_mode, sizes, ws.args.warmup_steps, ws.args.bench_steps, ws.args.device)
+    result = run_benchmark(
+        ws, task, ws.args.bench_mode, sizes, ws.args.warmup_steps, ws.args.bench_steps, ws.args.device
+    )
     with open(os.path.join(ws.results, "benchmark.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(result["table"])
@@ -415,14 +502,23 @@ def mode_models(ws: Workspace) -> dict:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         dice = "n/a" if r["val_mean_dice"] is None else f"{r['val_mean_dice']:.4f}"
-        print(f"| {r['id']} | {r['state']} | {r['created']} | {dice} | {r['val_cases']} | {r['source']} | "
-              f"{'yes' if r['pinned'] else ''} | {r['reason']} |")
+        print(
+            f"| {r['id']} | {r['state']} | {r['created']} | {dice} | {r['val_cases']} | {r['source']} | "
+            f"{'yes' if r['pinned'] else ''} | {r['reason']} |"
+        )
     serving = store.serving()
     return {"serving": serving.id if serving else None, "versions": rows}
 
 
-HANDLERS = {"plan": mode_plan, "train": mode_train, "evaluate": mode_evaluate, "predict": mode_predict,
-            "benchmark": mode_benchmark, "export": mode_export, "models": mode_models}
+HANDLERS = {
+    "plan": mode_plan,
+    "train": mode_train,
+    "evaluate": mode_evaluate,
+    "predict": mode_predict,
+    "benchmark": mode_benchmark,
+    "export": mode_export,
+    "models": mode_models,
+}
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ the plain ``<key>``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -159,11 +158,6 @@ class AppConf:
     def __init__(self, conf: Mapping[str, Any] | None = None) -> None:
         self.raw: dict[str, Any] = dict(conf or {})
 
-    @classmethod
-    def from_env(cls) -> "AppConf":
-        """Conf as a training subprocess sees it (MONAI_LABEL_APP_CONF JSON)."""
-        return cls(json.loads(os.environ.get("MONAI_LABEL_APP_CONF", "{}") or "{}"))
-
     def get(self, key: str, default: Any = None, model: str | None = None) -> Any:
         """Raw value for ``key`` (``<model>.<key>`` first), else ``default``."""
         if model and f"{model}.{key}" in self.raw:
@@ -200,9 +194,3 @@ class AppConf:
     def labels(self, default: Any, model: str | None = None) -> dict[str, int]:
         """Label names conf value (values 1..N)."""
         return parse_labels(self.get("labels", default, model), "labels")
-
-
-def request_value(request: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A request field, treating None/missing alike."""
-    value = request.get(key)
-    return default if value is None else value

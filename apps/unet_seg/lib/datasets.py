@@ -43,7 +43,8 @@ def _require(path: str, what: str) -> str:
 
 
 def load_cases(data: str, split: str = "training") -> list[Case]:
-    """Cases of ``data``: an MSD folder (``dataset.json``; ``split`` = training or test) or images/ + labels/ folders."""
+    """Cases of ``data``: an MSD folder (``dataset.json``; ``split`` = training or test) or images/ + labels/
+    folders."""
     if not os.path.isdir(data):
         raise DatasetError(f"--data {data} is not a folder")
     manifest = os.path.join(data, "dataset.json")
@@ -76,8 +77,16 @@ def load_cases(data: str, split: str = "training") -> list[Case]:
         raise DatasetError(f"{data} has neither dataset.json nor an images/ folder")
     labels = {}
     if os.path.isdir(labels_dir):
-        labels = {_stem(f): os.path.join(labels_dir, f) for f in sorted(os.listdir(labels_dir)) if f.lower().endswith(IMAGE_SUFFIXES)}
-    images = {_stem(f): os.path.join(images_dir, f) for f in sorted(os.listdir(images_dir)) if f.lower().endswith(IMAGE_SUFFIXES)}
+        labels = {
+            _stem(f): os.path.join(labels_dir, f)
+            for f in sorted(os.listdir(labels_dir))
+            if f.lower().endswith(IMAGE_SUFFIXES)
+        }
+    images = {
+        _stem(f): os.path.join(images_dir, f)
+        for f in sorted(os.listdir(images_dir))
+        if f.lower().endswith(IMAGE_SUFFIXES)
+    }
     orphans = sorted(set(labels) - set(images))
     if orphans:
         raise DatasetError(f"labels without an image in {images_dir}: {', '.join(orphans[:5])}")
@@ -110,8 +119,12 @@ def link_studies(cases: list[Case], studies: str) -> int:
         if case.label is None or isinstance(case.image, list):
             continue
         name = os.path.basename(case.image)
-        label_name = _stem(name) + os.path.basename(case.label)[len(_stem(case.label)):]  # the image's id, the label's suffix
-        for src, dst in ((case.image, os.path.join(studies, name)), (case.label, os.path.join(studies, "labels", "final", label_name))):
+        # the image's id, the label's suffix
+        label_name = _stem(name) + os.path.basename(case.label)[len(_stem(case.label)) :]
+        for src, dst in (
+            (case.image, os.path.join(studies, name)),
+            (case.label, os.path.join(studies, "labels", "final", label_name)),
+        ):
             if not os.path.lexists(dst):
                 try:
                     os.symlink(os.path.abspath(src), dst)

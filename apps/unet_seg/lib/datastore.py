@@ -42,7 +42,16 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
 from .conf import parse_bool
-from .validation import FileHeader, InputError, check_affine, check_image, check_label, file_suffix, probe_file, read_voxels
+from .validation import (
+    FileHeader,
+    InputError,
+    check_affine,
+    check_image,
+    check_label,
+    file_suffix,
+    probe_file,
+    read_voxels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +61,15 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 def check_id(value: str, what: str = "image id") -> str:
     """Reject ids that could escape the datastore folder or are not plain names."""
     if not value or not SAFE_ID.match(value) or ".." in value:
-        raise HTTPException(status_code=422, detail=f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' only (no paths)")
+        raise HTTPException(
+            status_code=422, detail=f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' only (no paths)"
+        )
     return value
 
 
-def align_to_image(label: np.ndarray, label_affine: np.ndarray, image_affine: np.ndarray,
-                   atol: float = 1e-3) -> np.ndarray | None:
+def align_to_image(
+    label: np.ndarray, label_affine: np.ndarray, image_affine: np.ndarray, atol: float = 1e-3
+) -> np.ndarray | None:
     """``label`` in the image's index order when the two grids differ only by axis flips/permutations, else None.
 
     Returns the label unchanged when the affines already agree.
@@ -70,7 +82,6 @@ def align_to_image(label: np.ndarray, label_affine: np.ndarray, image_affine: np
     moved = apply_orientation(label, transform)
     moved_affine = label_affine @ inv_ornt_aff(transform, label.shape)
     return moved if np.allclose(moved_affine, image_affine, atol=atol) else None
-
 
 
 @dataclass
@@ -92,10 +103,14 @@ def image_layout(header: FileHeader | None, shape: tuple[int, ...]) -> tuple[int
         return (shape[2], 2) if colour and shape[2] in (3, 4) else (1, 3)
     if len(shape) == 4:
         return shape[3], 3
-    raise InputError(f"image has {len(shape)} dimensions (shape {shape}); expected 2D or 3D, optionally with a channel axis")
+    raise InputError(
+        f"image has {len(shape)} dimensions (shape {shape}); expected 2D or 3D, optionally with a channel axis"
+    )
 
 
-def check_image_upload(rules: UploadRules, path: str, name: str) -> tuple[FileHeader, tuple[int, ...], np.ndarray | None]:
+def check_image_upload(
+    rules: UploadRules, path: str, name: str
+) -> tuple[FileHeader, tuple[int, ...], np.ndarray | None]:
     """Probe, decode and check an image file for any datastore: (header, array shape, affine) or InputError/TooLarge."""
     header = probe_file(path, name, rules.max_voxels)
     arr, affine = read_voxels(path, header)
@@ -103,8 +118,10 @@ def check_image_upload(rules: UploadRules, path: str, name: str) -> tuple[FileHe
     channels, dims = image_layout(header, tuple(arr.shape))
     if (channels, dims) not in rules.inputs:
         served = ", ".join(f"{c} channel(s) {d}D" for c, d in sorted(rules.inputs))
-        raise InputError(f"image has {channels} channel(s) and {dims} spatial dimensions (shape {tuple(arr.shape)}); "
-                         f"the served models take: {served}")
+        raise InputError(
+            f"image has {channels} channel(s) and {dims} spatial dimensions (shape {tuple(arr.shape)}); "
+            f"the served models take: {served}"
+        )
     return header, tuple(arr.shape), affine
 
 
@@ -120,10 +137,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def locked(method: F) -> F:
     """Run a datastore method under the datastore's re-entrant lock."""
+
     @functools.wraps(method)
-    def wrapper(self: "ValidatingDatastore", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: ValidatingDatastore, *args: Any, **kwargs: Any) -> Any:
         with self._mutex:
             return method(self, *args, **kwargs)
+
     return wrapper  # type: ignore[return-value]
 
 
@@ -176,16 +195,21 @@ class ValidatingDatastore(LocalDatastore):
         return super().__str__()
 
     # ---- images -----------------------------------------------------------------------------
-    def add_checked_image(self, image_id: str, path: str, name: str, info: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    def add_checked_image(
+        self, image_id: str, path: str, name: str, info: dict[str, Any], overwrite: bool
+    ) -> dict[str, Any]:
         """Store an uploaded image after checking it; 409 for an existing id unless ``overwrite``."""
         check_id(image_id)
         header, shape, affine = check_image_upload(self.rules, path, name)
         with self._mutex:
             exists = image_id in self._datastore.objects
             if exists and not overwrite:
-                raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; send params "
-                                                            f"{{\"overwrite\": true}} to replace it (its labels are kept "
-                                                            f"only if they fit the new image's grid)")
+                raise HTTPException(
+                    status_code=409,
+                    detail=f"image {image_id!r} already exists; send params "
+                    f'{{"overwrite": true}} to replace it (its labels are kept '
+                    f"only if they fit the new image's grid)",
+                )
             kept, removed = [], []
             if exists:
                 old_uri = self.get_image_uri(image_id)
@@ -205,7 +229,9 @@ class ValidatingDatastore(LocalDatastore):
                 logger.info(f"image {image_id!r} replaced; labels kept {kept}, removed {removed} (grid changed)")
             return out
 
-    def _label_fits(self, label_path: str, shape: tuple[int, ...], affine: np.ndarray | None, header: FileHeader) -> bool:
+    def _label_fits(
+        self, label_path: str, shape: tuple[int, ...], affine: np.ndarray | None, header: FileHeader
+    ) -> bool:
         try:
             lab = probe_file(label_path, label_path)
         except InputError:
@@ -224,7 +250,9 @@ class ValidatingDatastore(LocalDatastore):
         return self.add_checked_image(image_id, image_filename, name, image_info or {}, overwrite=False)["image"]
 
     # ---- labels -----------------------------------------------------------------------------
-    def save_checked_label(self, image_id: str, label_path: str, name: str, label_tag: str, label_info: dict[str, Any]) -> str:
+    def save_checked_label(
+        self, image_id: str, label_path: str, name: str, label_tag: str, label_info: dict[str, Any]
+    ) -> str:
         """Check an uploaded label against its image and the served models, then store it."""
         check_id(image_id)
         check_id(label_tag, "label tag")
@@ -253,9 +281,16 @@ class ValidatingDatastore(LocalDatastore):
         info = dict(label_info or {})
         allow_empty = parse_bool(info.pop("allow_empty", False), "allow_empty") or label_tag != "final"
         try:
-            check_label(label, self.rules.label_values, "label", image_shape=image_shape,
-                        label_affine=label_affine if image_affine is not None else None, image_affine=image_affine,
-                        tolerance_mm=self.rules.label_tolerance_mm, allow_empty=allow_empty)
+            check_label(
+                label,
+                self.rules.label_values,
+                "label",
+                image_shape=image_shape,
+                label_affine=label_affine if image_affine is not None else None,
+                image_affine=image_affine,
+                tolerance_mm=self.rules.label_tolerance_mm,
+                allow_empty=allow_empty,
+            )
             with self._mutex:
                 return super().save_label(image_id, aligned_file or label_path, label_tag, info)
         finally:
@@ -264,4 +299,6 @@ class ValidatingDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """MONAI Label's entry (e.g. inference with save_label): the same checks."""
-        return self.save_checked_label(image_id, label_filename, os.path.basename(label_filename), label_tag, label_info)
+        return self.save_checked_label(
+            image_id, label_filename, os.path.basename(label_filename), label_tag, label_info
+        )

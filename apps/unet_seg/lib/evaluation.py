@@ -48,8 +48,9 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None) -> 
     return float(value.item())
 
 
-def evaluate_case(pred: np.ndarray, ref: np.ndarray, labels: Mapping[str, int],
-                  spacing: Sequence[float] | None = None) -> dict[str, Any]:
+def evaluate_case(
+    pred: np.ndarray, ref: np.ndarray, labels: Mapping[str, int], spacing: Sequence[float] | None = None
+) -> dict[str, Any]:
     """All metrics of one case (integer label maps of equal shape)."""
     pred = np.asarray(pred).astype(np.int64)
     ref = np.rint(np.asarray(ref)).astype(np.int64)

@@ -27,8 +27,13 @@ def export_model(task: Any, out_dir: str, formats: list[str], tolerance: float) 
     with torch.no_grad():
         ref = net(x).float().numpy()
     os.makedirs(out_dir, exist_ok=True)
-    result: dict[str, Any] = {"model": task.model_name, "version": meta.version, "input_shape": list(x.shape),
-                              "tolerance": tolerance, "exports": {}}
+    result: dict[str, Any] = {
+        "model": task.model_name,
+        "version": meta.version,
+        "input_shape": list(x.shape),
+        "tolerance": tolerance,
+        "exports": {},
+    }
     if "torchscript" in formats:
         path = os.path.join(out_dir, f"{task.model_name}.ts")
         with torch.no_grad():
@@ -42,11 +47,23 @@ def export_model(task: Any, out_dir: str, formats: list[str], tolerance: float) 
 
         path = os.path.join(out_dir, f"{task.model_name}.onnx")
         spatial = {i + 2: f"d{i}" for i in range(x.ndim - 2)}
-        torch.onnx.export(net, (x,), path, input_names=["image"], output_names=["logits"], dynamo=False, opset_version=17,
-                          dynamic_axes={"image": {0: "batch", **spatial}, "logits": {0: "batch", **spatial}})
+        torch.onnx.export(
+            net,
+            (x,),
+            path,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamo=False,
+            opset_version=17,
+            dynamic_axes={"image": {0: "batch", **spatial}, "logits": {0: "batch", **spatial}},
+        )
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         got = session.run(None, {"image": x.numpy()})[0]
-        result["exports"]["onnx"] = {"path": path, "max_abs_diff": float(np.abs(got - ref).max()), "onnxruntime": onnxruntime.__version__}
+        result["exports"]["onnx"] = {
+            "path": path,
+            "max_abs_diff": float(np.abs(got - ref).max()),
+            "onnxruntime": onnxruntime.__version__,
+        }
     bad = {k: v["max_abs_diff"] for k, v in result["exports"].items() if v["max_abs_diff"] > tolerance}
     result["ok"] = not bad
     with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:

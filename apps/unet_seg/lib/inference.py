@@ -52,7 +52,9 @@ def predict_probabilities(
     eval mode): one call is then one Monte-Carlo dropout sample.
     """
     if image.ndim != len(roi_size) + 2:
-        raise ValueError(f"image must be (B, C, *spatial) with {len(roi_size)} spatial dims, got shape {tuple(image.shape)}")
+        raise ValueError(
+            f"image must be (B, C, *spatial) with {len(roi_size)} spatial dims, got shape {tuple(image.shape)}"
+        )
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if blend not in ("gaussian", "constant"):
@@ -73,8 +75,13 @@ def predict_probabilities(
             ctx = amp.autocast() if amp is not None else torch.autocast(device.type, enabled=False)
             with ctx:
                 logits = sliding_window_inference(
-                    x, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=net,
-                    overlap=overlap, mode=blend, sigma_scale=sigma_scale,
+                    x,
+                    roi_size=tuple(roi_size),
+                    sw_batch_size=sw_batch_size,
+                    predictor=net,
+                    overlap=overlap,
+                    mode=blend,
+                    sigma_scale=sigma_scale,
                 )
             if isinstance(logits, (list, tuple)):  # deep-supervision nets: first head is full resolution
                 logits = logits[0]
@@ -108,12 +115,16 @@ def predict_volume(
     if slice_axis is None or spatial == len(roi_size):
         return predict_probabilities(net, image, roi_size, **kwargs)  # type: ignore[arg-type]
     if spatial != 3 or len(roi_size) != 2:
-        raise ValueError(f"slice-wise inference needs a 3D image and a 2D roi, got {tuple(image.shape)} / {tuple(roi_size)}")
+        raise ValueError(
+            f"slice-wise inference needs a 3D image and a 2D roi, got {tuple(image.shape)} / {tuple(roi_size)}"
+        )
     if image.shape[0] != 1:
         raise ValueError("slice-wise inference takes one volume at a time")
     slices = image[0].movedim(1 + slice_axis, 0)  # (S, C, a, b)
-    parts = [predict_probabilities(net, slices[i:i + slice_batch], roi_size, **kwargs)  # type: ignore[arg-type]
-             for i in range(0, slices.shape[0], slice_batch)]
+    parts = [
+        predict_probabilities(net, slices[i : i + slice_batch], roi_size, **kwargs)  # type: ignore[arg-type]
+        for i in range(0, slices.shape[0], slice_batch)
+    ]
     probs = torch.cat(parts, dim=0)  # (S, K, a, b)
     return probs.movedim(0, 1 + slice_axis)[None]
 

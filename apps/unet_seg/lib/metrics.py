@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 
-def dice_per_class(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, label_values: Mapping[str, int]) -> dict[str, float]:
+def dice_per_class(
+    pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, label_values: Mapping[str, int]
+) -> dict[str, float]:
     """Dice of each named label value between two integer label maps of the same shape."""
     p = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
     r = ref.detach().cpu().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
@@ -34,20 +36,14 @@ def mean_ignoring_nan(values: Mapping[str, float]) -> float:
 
 
 class DiceAccumulator:
-    """Accumulates per-class intersections and sizes over a validation pass (one Dice per class over all cases)."""
+    """Accumulates the per-class Dice of each case over a validation pass."""
 
     def __init__(self, label_values: Mapping[str, int]) -> None:
         self.label_values = dict(label_values)
-        self.inter = {k: 0.0 for k in self.label_values}
-        self.total = {k: 0.0 for k in self.label_values}
         self.case_dice: list[dict[str, float]] = []
 
     def update(self, pred: torch.Tensor, ref: torch.Tensor) -> None:
         """Add one case (integer label maps of equal shape)."""
-        for name, value in self.label_values.items():
-            pm, rm = pred == value, ref == value
-            self.inter[name] += float((pm & rm).sum())
-            self.total[name] += float(pm.sum() + rm.sum())
         self.case_dice.append(dice_per_class(pred, ref, self.label_values))
 
     def per_class_mean_of_cases(self) -> dict[str, float]:
@@ -58,12 +54,9 @@ class DiceAccumulator:
             out[name] = float(np.nanmean(vals)) if vals.size and not np.all(np.isnan(vals)) else float("nan")
         return out
 
-    def per_class_global(self) -> dict[str, float]:
-        """Per-class Dice over all voxels of all cases pooled."""
-        return {k: (2 * self.inter[k] / self.total[k] if self.total[k] else float("nan")) for k in self.label_values}
-
 
 # ---- 2D conventions of the UNet2D reference and the ISBI 2012 challenge -----------------------
+
 
 def soft_dice(probs: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, eps: float = 1e-6) -> float:
     """Soft Dice averaged over ALL classes, background included (NVIDIA UNet_Medical's reported figure).
@@ -105,7 +98,9 @@ def _thin_boundaries(segments: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return seg
 
 
-def _contingency(pred_seg: np.ndarray, ref_seg: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _contingency(
+    pred_seg: np.ndarray, ref_seg: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Joint and marginal probabilities of (pred segment, reference segment) over the masked pixels."""
     p = pred_seg[mask].astype(np.int64)
     r = ref_seg[mask].astype(np.int64)
@@ -147,7 +142,7 @@ def isbi_scores(pred_foreground: np.ndarray, ref_foreground: np.ndarray, thin: b
     if thin:
         pred_seg = _thin_boundaries(pred_seg, mask)
     pij, s, t = _contingency(pred_seg, ref_seg, mask)
-    sum_p2, sum_s2, sum_t2 = float((pij ** 2).sum()), float((s ** 2).sum()), float((t ** 2).sum())
+    sum_p2, sum_s2, sum_t2 = float((pij**2).sum()), float((s**2).sum()), float((t**2).sum())
     h_s = float(-(s * np.log(s)).sum())
     h_t = float(-(t * np.log(t)).sum())
     # I(S;T) = H(S) + H(T) - H(S,T)
@@ -164,7 +159,9 @@ def isbi_scores(pred_foreground: np.ndarray, ref_foreground: np.ndarray, thin: b
     }
 
 
-def scores_2d(probs: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, foreground: int = 1) -> dict[str, float]:
+def scores_2d(
+    probs: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, foreground: int = 1
+) -> dict[str, float]:
     """All UNet2D figures for one image: soft Dice (all classes), foreground Dice, ISBI V_rand / V_info.
 
     ``probs``: ``(K, *spatial)`` softmax output; ``ref``: integer labels ``(*spatial)``.

@@ -114,6 +114,15 @@ class ModelStore:
         self._tlock = ModelStore._thread_locks.setdefault(self.root, threading.RLock())
         self._meta_cache: dict[str, tuple[tuple[int, int], CheckpointMeta]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (trainers travel to spawned training processes): locks and caches are per process."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tlock", "_meta_cache")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tlock = ModelStore._thread_locks.setdefault(self.root, threading.RLock())
+        self._meta_cache = {}
+
     # ---- registry ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
@@ -218,8 +227,14 @@ class ModelStore:
             raise
         return tmp
 
-    def add(self, state: Mapping[str, torch.Tensor], meta: CheckpointMeta, state_name: str = "candidate",
-            reason: str = "", serve: bool = False) -> VersionRecord:
+    def add(
+        self,
+        state: Mapping[str, torch.Tensor],
+        meta: CheckpointMeta,
+        state_name: str = "candidate",
+        reason: str = "",
+        serve: bool = False,
+    ) -> VersionRecord:
         """Record a new version (the id is written into its meta); ``serve`` switches to it in the same step."""
         if state_name not in STATES or state_name == "serving":
             raise StoreError(f"cannot add a version in state {state_name!r}")
@@ -234,9 +249,19 @@ class ModelStore:
             with self._locked() as reg:
                 os.replace(tmp, self.path(vid))
                 val = meta.validation
-                rec = VersionRecord(id=vid, created=meta.created, source=meta.source, state=state_name, reason=reason,
-                                    val_mean_dice=meta.val_mean_dice, val_cases=len(val.cases) if val else 0,
-                                    parent=meta.parent, fold=meta.fold, run_id=meta.run_id, epoch=meta.epoch)
+                rec = VersionRecord(
+                    id=vid,
+                    created=meta.created,
+                    source=meta.source,
+                    state=state_name,
+                    reason=reason,
+                    val_mean_dice=meta.val_mean_dice,
+                    val_cases=len(val.cases) if val else 0,
+                    parent=meta.parent,
+                    fold=meta.fold,
+                    run_id=meta.run_id,
+                    epoch=meta.epoch,
+                )
                 reg["versions"][vid] = asdict(rec)
         finally:
             if os.path.exists(tmp):
@@ -260,14 +285,19 @@ class ModelStore:
                     raise StoreError(f"{vid} belongs to another run")
                 os.replace(tmp, self.path(vid))
                 r = reg["versions"][vid]
-                r.update(val_mean_dice=meta.val_mean_dice, val_cases=len(meta.validation.cases) if meta.validation else 0,
-                         epoch=meta.epoch)
+                r.update(
+                    val_mean_dice=meta.val_mean_dice,
+                    val_cases=len(meta.validation.cases) if meta.validation else 0,
+                    epoch=meta.epoch,
+                )
                 return VersionRecord(**r)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    def set_state(self, vid: str, state_name: str, reason: str = "", gate: Mapping[str, Any] | None = None) -> VersionRecord:
+    def set_state(
+        self, vid: str, state_name: str, reason: str = "", gate: Mapping[str, Any] | None = None
+    ) -> VersionRecord:
         """Mark a non-serving version (candidate, fold...) with the reason."""
         if state_name not in STATES or state_name == "serving":
             raise StoreError(f"use promote() to serve a version; cannot set state {state_name!r}")
@@ -275,7 +305,9 @@ class ModelStore:
             self._require(reg, vid)
             if reg["serving"] == vid:
                 raise StoreError(f"{vid} is serving; promote or roll back to another version first")
-            reg["versions"][vid].update(state=state_name, reason=reason, **({"gate": dict(gate)} if gate is not None else {}))
+            reg["versions"][vid].update(
+                state=state_name, reason=reason, **({"gate": dict(gate)} if gate is not None else {})
+            )
             return self._record(reg, vid)
 
     def _require(self, reg: Mapping[str, Any], vid: str) -> None:
@@ -292,13 +324,16 @@ class ModelStore:
                 raise StoreError(f"{vid}: its file is missing")
             old = reg["serving"]
             if old == vid:  # already serving (e.g. the first model, served while it trained): record why
-                reg["versions"][vid].update(reason=reason or reg["versions"][vid]["reason"],
-                                            **({"gate": dict(gate)} if gate is not None else {}))
+                reg["versions"][vid].update(
+                    reason=reason or reg["versions"][vid]["reason"],
+                    **({"gate": dict(gate)} if gate is not None else {}),
+                )
                 return self._record(reg, vid)
             if old in reg["versions"]:
                 reg["versions"][old].update(state="retired", reason=f"replaced by {vid}")
-            reg["versions"][vid].update(state="serving", reason=reason or "promoted",
-                                        **({"gate": dict(gate)} if gate is not None else {}))
+            reg["versions"][vid].update(
+                state="serving", reason=reason or "promoted", **({"gate": dict(gate)} if gate is not None else {})
+            )
             reg["serving"] = vid
             reg["history"] = [v for v in reg["history"] if v != vid] + [vid]
             logger.info(f"{self.model}: {vid} serves now (was {old}); {reason}")
@@ -361,7 +396,9 @@ class ModelStore:
         """
         done: list[str] = []
         with self._locked() as reg:
-            for tmp in glob.glob(os.path.join(self.versions_dir, ".tmp-*")) + glob.glob(os.path.join(self.root, ".registry.json.tmp-*")):
+            for tmp in glob.glob(os.path.join(self.versions_dir, ".tmp-*")) + glob.glob(
+                os.path.join(self.root, ".registry.json.tmp-*")
+            ):
                 m = re.search(r"\.tmp-(\d+)-", os.path.basename(tmp))
                 if m and int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1))):
                     continue  # another live process is writing it
@@ -390,16 +427,25 @@ class ModelStore:
             logger.warning(f"{self.model}: {line}")
         return done
 
-    def import_file(self, path: str, source: str = "imported", serve: bool = False, fold: int | None = None,
-                    move: bool = False) -> VersionRecord:
-        """Add a single model file (legacy layout, ``pretrained`` conf, upload) as a version; ``move`` removes the file."""
+    def import_file(
+        self, path: str, source: str = "imported", serve: bool = False, fold: int | None = None, move: bool = False
+    ) -> VersionRecord:
+        """Add a single model file (legacy layout, ``pretrained`` conf, upload) as a version.
+
+        ``move`` removes the file.
+        """
         state, raw = read_checkpoint(path)
         meta = CheckpointMeta.from_dict(raw, strict=source == "uploaded")
         meta.source, meta.version = source, None
         if fold is not None:
             meta.fold = fold
-        rec = self.add(state, meta, state_name="fold" if fold is not None else "candidate",
-                       reason=f"{source} from {os.path.basename(path)}", serve=serve)
+        rec = self.add(
+            state,
+            meta,
+            state_name="fold" if fold is not None else "candidate",
+            reason=f"{source} from {os.path.basename(path)}",
+            serve=serve,
+        )
         if move:
             os.remove(path)
         return rec
@@ -408,8 +454,10 @@ class ModelStore:
         """Import ``<model>.pt`` (serves if nothing does) and ``<model>_fold<k>.pt`` from the model dir."""
         done = []
         for leftover in glob.glob(os.path.join(self.model_dir, ".publish_*")):  # temp files of the single-file layout
-            os.remove(leftover)
-            done.append(f"removed {os.path.basename(leftover)}, left by an interrupted write of the old layout")
+            with contextlib.suppress(FileNotFoundError):  # every model's store looks at the same folder
+                os.remove(leftover)
+                done.append(f"removed {os.path.basename(leftover)}, left by an interrupted write of the old layout")
+                logger.warning(f"{self.model}: {done[-1]}")
         main = os.path.join(self.model_dir, f"{self.model}.pt")
         folds = sorted(glob.glob(os.path.join(self.model_dir, f"{self.model}_fold*.pt")))
         for path in [main, *folds] if os.path.exists(main) else folds:
@@ -426,6 +474,20 @@ class ModelStore:
 
     def describe(self) -> list[dict[str, Any]]:
         """Versions for /info and the CLI: id, created, Dice, state, reason, source, pinned."""
-        return [{"id": r.id, "created": r.created, "val_mean_dice": r.val_mean_dice, "val_cases": r.val_cases,
-                 "state": r.state, "reason": r.reason, "source": r.source, "pinned": r.pinned, "parent": r.parent,
-                 "fold": r.fold, "epoch": r.epoch, **({"gate": r.gate} if r.gate else {})} for r in self.records()]
+        return [
+            {
+                "id": r.id,
+                "created": r.created,
+                "val_mean_dice": r.val_mean_dice,
+                "val_cases": r.val_cases,
+                "state": r.state,
+                "reason": r.reason,
+                "source": r.source,
+                "pinned": r.pinned,
+                "parent": r.parent,
+                "fold": r.fold,
+                "epoch": r.epoch,
+                **({"gate": r.gate} if r.gate else {}),
+            }
+            for r in self.records()
+        ]

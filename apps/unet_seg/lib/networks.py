@@ -14,8 +14,8 @@ on MONAI's DynUNet, whose residual-free "UnetBasicBlock" is exactly conv-norm-Le
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ class UNet3DSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_preset(cls, preset: str, in_channels: int, out_channels: int) -> "UNet3DSpec":
+    def from_preset(cls, preset: str, in_channels: int, out_channels: int) -> UNet3DSpec:
         """Spec for a named size preset (see UNET3D_PRESETS)."""
         if preset not in UNET3D_PRESETS:
             raise ValueError(f"unknown network preset {preset!r}; valid: {sorted(UNET3D_PRESETS)}")
@@ -68,7 +68,7 @@ class UNet3DSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UNet3DSpec":
+    def from_dict(cls, data: dict[str, Any]) -> UNet3DSpec:
         """Inverse of to_dict (unknown keys are rejected by the dataclass)."""
         return cls(**data)
 
@@ -135,7 +135,7 @@ class DynUNetSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DynUNetSpec":
+    def from_dict(cls, data: dict[str, Any]) -> DynUNetSpec:
         """Inverse of to_dict."""
         return cls(**data)
 
@@ -144,7 +144,7 @@ class DynUNetSpec:
         """Per-axis factor every input size must be a multiple of (product of the strides)."""
         out = [1] * self.spatial_dims
         for stride in self.strides:
-            out = [o * s for o, s in zip(out, stride)]
+            out = [o * s for o, s in zip(out, stride, strict=True)]
         return out
 
 
@@ -155,7 +155,10 @@ def build_dynunet(spec: DynUNetSpec) -> torch.nn.Module:
     (all heads upsampled to full resolution); in eval mode only the full-resolution head.
     """
     if len(spec.kernels) != len(spec.strides) or len(spec.filters) != len(spec.strides):
-        raise ValueError(f"plan stages disagree: {len(spec.kernels)} kernels, {len(spec.strides)} strides, {len(spec.filters)} filters")
+        raise ValueError(
+            f"plan stages disagree: {len(spec.kernels)} kernels, {len(spec.strides)} strides, "
+            f"{len(spec.filters)} filters"
+        )
     return DynUNet(
         spatial_dims=spec.spatial_dims,
         in_channels=spec.in_channels,
@@ -177,7 +180,7 @@ def build_dynunet(spec: DynUNetSpec) -> torch.nn.Module:
 # ---- UNet2D (Ronneberger 2015) ---------------------------------------------------------------
 
 UNET2D_PRESETS: dict[str, dict[str, int]] = {
-    "full": {"base_filters": 64, "depth": 4},   # the paper: 64 -> 1024, 4 poolings
+    "full": {"base_filters": 64, "depth": 4},  # the paper: 64 -> 1024, 4 poolings
     "small": {"base_filters": 16, "depth": 4},
     "tiny": {"base_filters": 4, "depth": 2},
 }
@@ -202,7 +205,7 @@ class UNet2DSpec:
             raise ValueError(f"UNet2D depth (number of poolings) must be >= 1, got {self.depth}")
 
     @classmethod
-    def from_preset(cls, preset: str, in_channels: int, out_channels: int, **kwargs: Any) -> "UNet2DSpec":
+    def from_preset(cls, preset: str, in_channels: int, out_channels: int, **kwargs: Any) -> UNet2DSpec:
         """Spec for a named size preset (see UNET2D_PRESETS)."""
         if preset not in UNET2D_PRESETS:
             raise ValueError(f"unknown network preset {preset!r}; valid: {sorted(UNET2D_PRESETS)}")
@@ -227,7 +230,7 @@ class UNet2DSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UNet2DSpec":
+    def from_dict(cls, data: dict[str, Any]) -> UNet2DSpec:
         """Inverse of to_dict."""
         return cls(**data)
 
@@ -249,7 +252,7 @@ class _DoubleConv(torch.nn.Sequential):
 
 def _center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     dy, dx = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
-    return x[..., dy:dy + size[0], dx:dx + size[1]]
+    return x[..., dy : dy + size[0], dx : dx + size[1]]
 
 
 def _mirror_pad(x: torch.Tensor, pads: Sequence[int]) -> torch.Tensor:
@@ -274,11 +277,19 @@ class UNet2D(torch.nn.Module):
         pad = 1 if spec.padding == "same" else 0
         f = spec.filters
         self.down = torch.nn.ModuleList(
-            [_DoubleConv(spec.in_channels if i == 0 else f[i - 1], f[i], pad, spec.batch_norm) for i in range(spec.depth)])
+            [
+                _DoubleConv(spec.in_channels if i == 0 else f[i - 1], f[i], pad, spec.batch_norm)
+                for i in range(spec.depth)
+            ]
+        )
         self.pool = torch.nn.MaxPool2d(2)
         self.bottleneck = _DoubleConv(f[-2], f[-1], pad, spec.batch_norm, spec.dropout)
-        self.up = torch.nn.ModuleList([torch.nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2) for i in reversed(range(spec.depth))])
-        self.decode = torch.nn.ModuleList([_DoubleConv(2 * f[i], f[i], pad, spec.batch_norm) for i in reversed(range(spec.depth))])
+        self.up = torch.nn.ModuleList(
+            [torch.nn.ConvTranspose2d(f[i + 1], f[i], 2, stride=2) for i in reversed(range(spec.depth))]
+        )
+        self.decode = torch.nn.ModuleList(
+            [_DoubleConv(2 * f[i], f[i], pad, spec.batch_norm) for i in reversed(range(spec.depth))]
+        )
         self.head = torch.nn.Conv2d(f[0], spec.out_channels, 1)
         for m in self.modules():  # the paper: Gaussian weights with std sqrt(2 / fan-in) (He)
             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
@@ -323,7 +334,7 @@ class UNet2D(torch.nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, block, skip in zip(self.up, self.decode, reversed(skips)):
+        for up, block, skip in zip(self.up, self.decode, reversed(skips), strict=True):
             x = up(x)
             if x.shape[-2:] != skip.shape[-2:]:
                 skip = _center_crop(skip, x.shape[-2:])

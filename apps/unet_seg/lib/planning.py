@@ -147,8 +147,9 @@ def cases_from_dataset_json(dataset_dir: PathLike) -> tuple[list[dict], list[str
         raise PlanningError(f"{root / 'dataset.json'}: no 'training' entries")
     channels = meta.get("channel_names") or meta.get("modality") or {"0": "MRI"}
     modalities = [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
-    cases = [{"image": str((root / e["image"]).resolve()), "label": str((root / e["label"]).resolve())}
-             for e in entries]
+    cases = [
+        {"image": str((root / e["image"]).resolve()), "label": str((root / e["label"]).resolve())} for e in entries
+    ]
     return cases, modalities
 
 
@@ -223,9 +224,8 @@ def read_label(path: PathLike, spatial_shape: Sequence[int]) -> np.ndarray:
         data = data[..., 0]
     if tuple(data.shape) != tuple(spatial_shape):
         raise PlanningError(f"{p}: label shape {tuple(data.shape)} does not match image shape {tuple(spatial_shape)}")
-    if not np.issubdtype(data.dtype, np.integer):
-        if not np.all(np.isfinite(data)) or np.any(np.mod(data, 1) != 0):
-            raise PlanningError(f"{p}: label values must be integers (got non-integer values)")
+    if not np.issubdtype(data.dtype, np.integer) and (not np.all(np.isfinite(data)) or np.any(np.mod(data, 1) != 0)):
+        raise PlanningError(f"{p}: label values must be integers (got non-integer values)")
     return np.asarray(data).astype(np.int64)
 
 
@@ -314,16 +314,18 @@ def fingerprint_from_cases(
         spacings.append(spacing)
         before.append([int(s) for s in data.shape[1:]])
         after.append([hi - lo for lo, hi in bbox])
-        records.append({
-            "image": [os.fspath(p) for p in _as_path_list(case["image"], "image")],
-            "label": os.fspath(case["label"]),
-            "bbox": bbox,
-            "foreground_voxels": n_fg,
-        })
+        records.append(
+            {
+                "image": [os.fspath(p) for p in _as_path_list(case["image"], "image")],
+                "label": os.fspath(case["label"]),
+                "bbox": bbox,
+                "foreground_voxels": n_fg,
+            }
+        )
     assert num_channels is not None
     if not samples[0]:
         raise PlanningError("labels: no foreground voxels (label > 0) inside the non-zero image region of any case")
-    relative = [float(np.prod(a) / np.prod(b)) for a, b in zip(after, before)]
+    relative = [float(np.prod(a) / np.prod(b)) for a, b in zip(after, before, strict=True)]
     fp = {
         "num_cases": len(cases),
         "num_channels": num_channels,
@@ -403,7 +405,7 @@ def slice_axis_for(spacing: Sequence[float]) -> int:
 
 def resampled_shape(shape: Sequence[float], spacing: Sequence[float], new_spacing: Sequence[float]) -> list[int]:
     """Shape after resampling from ``spacing`` to ``new_spacing`` (rounded per axis)."""
-    return [int(round(float(s) * float(a) / float(b))) for s, a, b in zip(shape, spacing, new_spacing)]
+    return [int(round(float(s) * float(a) / float(b))) for s, a, b in zip(shape, spacing, new_spacing, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ def resampled_shape(shape: Sequence[float], spacing: Sequence[float], new_spacin
 
 def pad_to_multiple(shape: Sequence[float], divisors: Sequence[int]) -> list[int]:
     """Round each axis up to a multiple of its divisor."""
-    return [int(math.ceil(float(s) / d - 1e-9) * d) for s, d in zip(shape, divisors)]
+    return [int(math.ceil(float(s) / d - 1e-9) * d) for s, d in zip(shape, divisors, strict=True)]
 
 
 def pooling_topology(
@@ -494,10 +496,10 @@ def estimate_feature_map_voxels(
     size = [int(s) for s in patch_size]
     sizes = []
     for stride in strides:
-        size = [s // k for s, k in zip(size, stride)]
+        size = [s // k for s, k in zip(size, stride, strict=True)]
         sizes.append(int(np.prod(size, dtype=np.int64)))
-    total = sum(convs_per_stage * f * n for f, n in zip(filters, sizes))
-    total += sum((convs_per_stage + 1) * f * n for f, n in zip(filters[:-1], sizes[:-1]))
+    total = sum(convs_per_stage * f * n for f, n in zip(filters, sizes, strict=True))
+    total += sum((convs_per_stage + 1) * f * n for f, n in zip(filters[:-1], sizes[:-1], strict=True))
     if len(sizes) > 1:
         total += num_classes * sizes[0]
     return int(total)
@@ -572,7 +574,9 @@ class Plan:
         """Plain JSON form, ``version`` first; ``fingerprint_summary=False`` (or none held) leaves the summary out."""
         out: dict[str, Any] = {"version": self.version}
         for f in fields(self):
-            if f.name == "version" or (f.name == "fingerprint_summary" and (not fingerprint_summary or self.fingerprint_summary is None)):
+            if f.name == "version" or (
+                f.name == "fingerprint_summary" and (not fingerprint_summary or self.fingerprint_summary is None)
+            ):
                 continue
             out[f.name] = getattr(self, f.name)
         return to_builtin(out)
@@ -590,8 +594,10 @@ class Plan:
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise PlanningError(f"plan: 'version' must be a positive integer, got {version!r}")
         if version > PLAN_VERSION:
-            raise PlanningError(f"plan: version {version} is newer than this code understands ({PLAN_VERSION}); "
-                                "update unet_seg or plan again (replan: true)")
+            raise PlanningError(
+                f"plan: version {version} is newer than this code understands ({PLAN_VERSION}); "
+                "update unet_seg or plan again (replan: true)"
+            )
         known = {f.name: f for f in fields(cls)}
         required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in data]
@@ -607,15 +613,21 @@ class Plan:
         if self.dims not in (2, 3):
             raise PlanningError(f"plan: dims must be 2 or 3, got {self.dims!r}")
         if len(self.patch_size) != self.dims or len(self.target_spacing) != 3:
-            raise PlanningError(f"plan: patch_size {self.patch_size} must have {self.dims} sizes and target_spacing "
-                                f"{self.target_spacing} three")
+            raise PlanningError(
+                f"plan: patch_size {self.patch_size} must have {self.dims} sizes and target_spacing "
+                f"{self.target_spacing} three"
+            )
         if not (len(self.strides) == len(self.kernel_sizes) == len(self.filters)) or not self.filters:
-            raise PlanningError(f"plan: {len(self.strides)} strides, {len(self.kernel_sizes)} kernel sizes and "
-                                f"{len(self.filters)} filters; one of each per stage is needed")
+            raise PlanningError(
+                f"plan: {len(self.strides)} strides, {len(self.kernel_sizes)} kernel sizes and "
+                f"{len(self.filters)} filters; one of each per stage is needed"
+            )
         if self.dims == 2 and self.slice_axis not in (0, 1, 2):
             raise PlanningError(f"plan: a 2D plan needs slice_axis 0, 1 or 2, got {self.slice_axis!r}")
         if int(self.in_channels) < 1 or len(self.normalization) != int(self.in_channels):
-            raise PlanningError(f"plan: {len(self.normalization)} normalisation scheme(s) for in_channels {self.in_channels}")
+            raise PlanningError(
+                f"plan: {len(self.normalization)} normalisation scheme(s) for in_channels {self.in_channels}"
+            )
 
 
 def save_plan(plan: Plan, path: PathLike) -> Path:
@@ -646,7 +658,7 @@ def initial_patch_size(
     inv = 1.0 / np.asarray(spacing, dtype=np.float64)
     budget = settings.initial_patch_voxels_3d if len(spacing) == 3 else settings.initial_patch_voxels_2d
     scale = (budget / float(np.prod(inv))) ** (1.0 / len(spacing))
-    return [min(float(round(float(v * scale))), float(m)) for v, m in zip(inv, median_shape)]
+    return [min(float(round(float(v * scale))), float(m)) for v, m in zip(inv, median_shape, strict=True)]
 
 
 def normalisation_for(
@@ -673,11 +685,18 @@ def normalisation_for(
             missing = [k for k in ("percentile_00_5", "percentile_99_5", "mean", "std") if k not in p]
             if missing:
                 raise PlanningError(f"fingerprint: foreground_intensity_properties_per_channel[{c}] lacks {missing}")
-            out.append({
-                "channel": c, "modality": mod, "scheme": "ct",
-                "clip_min": float(p["percentile_00_5"]), "clip_max": float(p["percentile_99_5"]),
-                "mean": float(p["mean"]), "std": float(max(p["std"], 1e-8)), "use_nonzero_mask": False,
-            })
+            out.append(
+                {
+                    "channel": c,
+                    "modality": mod,
+                    "scheme": "ct",
+                    "clip_min": float(p["percentile_00_5"]),
+                    "clip_max": float(p["percentile_99_5"]),
+                    "mean": float(p["mean"]),
+                    "std": float(max(p["std"], 1e-8)),
+                    "use_nonzero_mask": False,
+                }
+            )
         else:
             out.append({"channel": c, "modality": mod, "scheme": "zscore", "use_nonzero_mask": bool(use_mask)})
     return out
@@ -702,7 +721,7 @@ def _fit_to_memory(
     est = estimate(topo)
     while est / reference_batch * settings.min_batch_size > reference:
         patch = list(topo["patch_size"])
-        ratios = [p / m for p, m in zip(patch, median_shape)]
+        ratios = [p / m for p, m in zip(patch, median_shape, strict=True)]
         axis = max(range(dims), key=lambda a: (ratios[a], a))  # largest ratio; ties -> last axis (nnU-Net argsort)
         # step by the divisor of the already-reduced shape so that no valid size is skipped
         probe = list(patch)
@@ -776,7 +795,7 @@ def plan_from_fingerprint(
         full_spacing = [float(v) for v in target_spacing_override]
     else:
         full_spacing = target_spacing(spacings, shapes, settings.anisotropy_threshold)
-    new_shapes = [resampled_shape(s, sp, full_spacing) for s, sp in zip(shapes, spacings)]
+    new_shapes = [resampled_shape(s, sp, full_spacing) for s, sp in zip(shapes, spacings, strict=True)]
     median_3d = [float(v) for v in np.median(np.asarray(new_shapes, dtype=np.float64), axis=0)]
     dataset_voxels = float(np.prod(median_3d, dtype=np.float64)) * num_cases
 

@@ -34,7 +34,9 @@ def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str, name: str) 
     classes = sorted({k for h in history for k in (h.get("val_dice_per_class") or {})})
     for i, cls in enumerate(classes):
         values = [(h.get("val_dice_per_class") or {}).get(cls) for h in history]
-        ax2.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=cls, color=COLOURS[i % len(COLOURS)])
+        ax2.plot(
+            epochs, [np.nan if v is None else v for v in values], marker="o", label=cls, color=COLOURS[i % len(COLOURS)]
+        )
     ax2.set(title=f"{name}: validation Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
     if classes:
         ax2.legend()
@@ -45,9 +47,18 @@ def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str, name: str) 
     return [path]
 
 
-def plot_overlay(image: np.ndarray, label: np.ndarray, path: str, label_names: Mapping[str, int] | None = None,
-                 slices: int = 3, axis: int = -1) -> str:
-    """A few slices (the ones with most foreground) of ``image`` with ``label`` coloured on top; 2D images give one panel."""
+def plot_overlay(
+    image: np.ndarray,
+    label: np.ndarray,
+    path: str,
+    label_names: Mapping[str, int] | None = None,
+    slices: int = 3,
+    axis: int = -1,
+) -> str:
+    """A few slices (the ones with most foreground) of ``image`` with ``label`` coloured on top.
+
+    2D images give one panel.
+    """
     plt = _pyplot()
     img, lab = np.asarray(image, dtype=np.float32), np.asarray(label)
     if img.ndim == 2:
@@ -58,7 +69,7 @@ def plot_overlay(image: np.ndarray, label: np.ndarray, path: str, label_names: M
     fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 4), squeeze=False)
     values = sorted(set(np.unique(lab).tolist()) - {0})
     names = {v: n for n, v in (label_names or {}).items()}
-    for ax, idx in zip(axes[0], sorted(order)):
+    for ax, idx in zip(axes[0], sorted(order), strict=True):
         sl = img[idx]
         lo, hi = np.percentile(sl, [1, 99]) if sl.size else (0, 1)
         ax.imshow(np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1).T, cmap="gray", origin="lower")

@@ -189,11 +189,6 @@ def recipe_for(name: str) -> Recipe:
         raise KeyError(f"no recipe for config {name!r}; known: {', '.join(RECIPES)}") from None
 
 
-def fields_of_kind(recipe: Recipe, kind: str) -> dict[str, Any]:
-    """``{field: default}`` of the recipe's fields of one kind (``conf``, ``request`` or ``fixed``)."""
-    return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.metadata.get("kind") == kind}
-
-
 def readme_defaults(recipe: Recipe) -> list[tuple[str, Any]]:
     """``(key, default)`` of every ``--conf`` key README.md documents for this recipe, in field order.
 

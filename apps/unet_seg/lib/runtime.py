@@ -23,9 +23,23 @@ from .conf import ConfError
 
 logger = logging.getLogger(__name__)
 
-AMP_WORDS = {"true": "auto", "1": "auto", "yes": "auto", "on": "auto", "auto": "auto",
-             "false": "off", "0": "off", "no": "off", "off": "off", "none": "off", "": "off",
-             "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+AMP_WORDS = {
+    "true": "auto",
+    "1": "auto",
+    "yes": "auto",
+    "on": "auto",
+    "auto": "auto",
+    "false": "off",
+    "0": "off",
+    "no": "off",
+    "off": "off",
+    "none": "off",
+    "": "off",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+}
 
 
 @lru_cache(maxsize=1)
@@ -57,11 +71,6 @@ class AmpPolicy:
     dtype: torch.dtype | None
     use_scaler: bool
 
-    @property
-    def enabled(self) -> bool:
-        """Whether autocast is active."""
-        return self.dtype is not None
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for this policy (a no-op context when disabled)."""
         if self.dtype is None:
@@ -77,7 +86,11 @@ class AmpPolicy:
 
 def resolve_amp(requested: Any, device: torch.device) -> AmpPolicy:
     """Turn a request's ``amp`` value into the policy to use on ``device`` (see module doc)."""
-    word = AMP_WORDS.get(str(requested).strip().lower()) if not isinstance(requested, bool) else ("auto" if requested else "off")
+    word = (
+        AMP_WORDS.get(str(requested).strip().lower())
+        if not isinstance(requested, bool)
+        else ("auto" if requested else "off")
+    )
     if word is None:
         raise ConfError(f"amp: expected true/false/fp16/bf16, got {requested!r}")
     dev = device.type
@@ -92,7 +105,9 @@ def resolve_amp(requested: Any, device: torch.device) -> AmpPolicy:
         return AmpPolicy(dev, torch.float16, True)
     # CPU
     if word == "fp16":
-        raise ConfError("amp=fp16 is only available on CUDA; use amp=true (bf16 where the CPU supports it) or amp=false")
+        raise ConfError(
+            "amp=fp16 is only available on CUDA; use amp=true (bf16 where the CPU supports it) or amp=false"
+        )
     if word == "bf16":
         if not cpu_has_native_bf16():
             _warn_once("amp=bf16 forced on a CPU without native bf16: expect it to be far slower than fp32")

@@ -30,22 +30,45 @@ def free_port() -> int:
 class LabelServer:
     """A real `monailabel start_server` process serving apps/unet_seg (log written to ``log``)."""
 
-    def __init__(self, studies: Path, conf: Mapping[str, str], log: Path, cwd: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        studies: Path,
+        conf: Mapping[str, str],
+        log: Path,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.studies = Path(studies)
         self.log = Path(log)
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-               "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(APP_DIR),
+            "--studies",
+            str(studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         for k, v in conf.items():
             cmd += ["--conf", k, str(v)]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_AUTO_UPDATE_SCORING="false", **(env or {}))
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=str(cwd or APP_DIR.parents[1]))
+        with open(self.log, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(cwd or APP_DIR.parents[1])
+            )
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Block until /info/ answers (200, or 401 with authentication on); RuntimeError with the log's tail if the server exits or stays silent."""
+        """Block until /info/ answers (200, or 401 with authentication on).
+
+        RuntimeError with the log's tail if the server exits or stays silent.
+        """
         end = time.time() + timeout
         while time.time() < end:
             if self.proc.poll() is not None:
@@ -81,8 +104,9 @@ class LabelServer:
 
 
 @contextlib.contextmanager
-def running_server(studies: Path, conf: Mapping[str, str], log: Path,
-                   env: Mapping[str, str] | None = None) -> Iterator[LabelServer]:
+def running_server(
+    studies: Path, conf: Mapping[str, str], log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[LabelServer]:
     """Start a real server (``env`` added to its environment), wait until /info answers, stop it afterwards."""
     srv = LabelServer(studies, conf, log, env=env)
     try:

@@ -15,7 +15,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import (
-    Randomizable,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -24,25 +23,25 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    RandCropByPosNegLabeld,
+    Rand2DElasticd,
     RandAdjustContrastd,
     RandAffined,
-    Rand2DElasticd,
-    RandRotate90d,
-    RandZoomd,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    Randomizable,
+    RandRotate90d,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
+    RandZoomd,
     Spacingd,
     SpatialPadd,
 )
 
-
-from .validation import InputError, check_image, check_dtype, check_finite  # noqa: E402  (InputError re-exported)
+from .validation import InputError, check_dtype, check_finite, check_image  # noqa: E402  (InputError re-exported)
 
 
 def _source(data: Mapping[Hashable, Any], key: Hashable) -> str:
@@ -91,10 +90,18 @@ class CheckImaged(MapTransform):
 
 
 class CheckChannelsd(MapTransform):
-    """Require ``channels`` channels and ``spatial_dims`` spatial dims (one value or the allowed ones) after EnsureChannelFirst."""
+    """Require ``channels`` channels and ``spatial_dims`` spatial dims (one value or the allowed ones).
 
-    def __init__(self, keys: KeysCollection, channels: int, spatial_dims: int | Sequence[int],
-                 modality_names: Sequence[str] | None = None) -> None:
+    Checked after EnsureChannelFirst.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        channels: int,
+        spatial_dims: int | Sequence[int],
+        modality_names: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(keys)
         self.channels = channels
         self.allowed_dims = (spatial_dims,) if isinstance(spatial_dims, int) else tuple(spatial_dims)
@@ -125,8 +132,13 @@ class CheckLabeld(MapTransform):
     Float labels with integer values are cast to integers (some MSD files are stored as float32).
     """
 
-    def __init__(self, keys: KeysCollection, label_values: Sequence[int], image_key: str = "image",
-                 require_foreground: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_values: Sequence[int],
+        image_key: str = "image",
+        require_foreground: bool = False,
+    ) -> None:
         super().__init__(keys)
         self.allowed = {0, *[int(v) for v in label_values]}
         self.image_key = image_key
@@ -145,7 +157,9 @@ class CheckLabeld(MapTransform):
                     f"image shape {tuple(d[self.image_key].shape[1:])}"
                 )
             if arr.shape[0] != 1:
-                raise InputError(f"label {_source(data, key)}: expected a single-channel label map, got shape {arr.shape}")
+                raise InputError(
+                    f"label {_source(data, key)}: expected a single-channel label map, got shape {arr.shape}"
+                )
             rounded = np.rint(arr)
             if np.issubdtype(arr.dtype, np.floating) and not np.allclose(rounded, arr):
                 raise InputError(f"label {_source(data, key)}: label values must be integers")
@@ -157,15 +171,24 @@ class CheckLabeld(MapTransform):
                     f"{sorted(self.allowed)}"
                 )
             if self.require_foreground and values <= {0}:
-                raise InputError(f"label {_source(data, key)}: the label is empty (background only); training needs foreground")
+                raise InputError(
+                    f"label {_source(data, key)}: the label is empty (background only); training needs foreground"
+                )
             out = torch.as_tensor(rounded.astype(np.int16))
             d[key] = MetaTensor(out, meta=lab.meta) if isinstance(lab, MetaTensor) else out
         return d
 
 
-def load_chain(keys: Sequence[str], channels: int, spatial_dims: int | Sequence[int], label_values: Sequence[int] | None,
-               orientation: str | None = "RAS", modality_names: Sequence[str] | None = None,
-               require_foreground: bool = True, label_map: Mapping[int, int] | None = None) -> list:
+def load_chain(
+    keys: Sequence[str],
+    channels: int,
+    spatial_dims: int | Sequence[int],
+    label_values: Sequence[int] | None,
+    orientation: str | None = "RAS",
+    modality_names: Sequence[str] | None = None,
+    require_foreground: bool = True,
+    label_map: Mapping[int, int] | None = None,
+) -> list:
     """Load image (+label), channel-first, check channels/labels, optional reorientation.
 
     ``label_map`` renames stored label values before the check (e.g. ``{255: 1}`` for PNG masks
@@ -179,7 +202,9 @@ def load_chain(keys: Sequence[str], channels: int, spatial_dims: int | Sequence[
     ]
     if "label" in keys and label_values is not None:
         if label_map:
-            chain.append(MapLabelValued(keys="label", orig_labels=list(label_map), target_labels=list(label_map.values())))
+            chain.append(
+                MapLabelValued(keys="label", orig_labels=list(label_map), target_labels=list(label_map.values()))
+            )
         chain.append(CheckLabeld(keys="label", label_values=label_values, require_foreground=require_foreground))
     if orientation:
         chain.append(Orientationd(keys=list(keys), axcodes=orientation, labels=None))
@@ -188,7 +213,10 @@ def load_chain(keys: Sequence[str], channels: int, spatial_dims: int | Sequence[
 
 def zscore_nonzero(keys: str = "image") -> list:
     """Per-channel z-score over non-zero voxels (BraTS / No New-Net convention), float32."""
-    return [NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True), EnsureTyped(keys=keys, dtype=torch.float32)]
+    return [
+        NormalizeIntensityd(keys=keys, nonzero=True, channel_wise=True),
+        EnsureTyped(keys=keys, dtype=torch.float32),
+    ]
 
 
 def random_crop_foreground(roi_size: Sequence[int], num_samples: int, pos_fraction: float) -> list:
@@ -198,8 +226,14 @@ def random_crop_foreground(roi_size: Sequence[int], num_samples: int, pos_fracti
     return [
         SpatialPadd(keys=["image", "label"], spatial_size=list(roi_size)),
         RandCropByPosNegLabeld(
-            keys=["image", "label"], label_key="label", spatial_size=list(roi_size),
-            pos=pos, neg=neg, num_samples=num_samples, image_key="image", image_threshold=-1e9,
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=list(roi_size),
+            pos=pos,
+            neg=neg,
+            num_samples=num_samples,
+            image_key="image",
+            image_threshold=-1e9,
             allow_smaller=True,
         ),
     ]
@@ -229,16 +263,26 @@ def nnunet_augmentation(spatial_dims: int, anisotropic: bool = False) -> list:
         rotate = (angle,)
     sigma = (0.5, 1.0)
     return [
-        RandAffined(keys=["image", "label"], prob=0.2, rotate_range=rotate, mode=("bilinear", "nearest"),
-                    padding_mode="zeros"),
-        RandAffined(keys=["image", "label"], prob=0.2, scale_range=[(-0.3, 0.4)] * spatial_dims,
-                    mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1 ** 0.5),
+        RandAffined(
+            keys=["image", "label"], prob=0.2, rotate_range=rotate, mode=("bilinear", "nearest"), padding_mode="zeros"
+        ),
+        RandAffined(
+            keys=["image", "label"],
+            prob=0.2,
+            scale_range=[(-0.3, 0.4)] * spatial_dims,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+        ),
+        RandGaussianNoised(keys="image", prob=0.1, mean=0.0, std=0.1**0.5),
         RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
         RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
         RandScaleIntensityFixedMeand(keys="image", prob=0.15, factors=0.25, preserve_range=True),
-        RandSimulateLowResolutiond(keys="image", prob=0.25, zoom_range=(0.5, 1.0),
-                                   upsample_mode="trilinear" if spatial_dims == 3 else "bilinear"),
+        RandSimulateLowResolutiond(
+            keys="image",
+            prob=0.25,
+            zoom_range=(0.5, 1.0),
+            upsample_mode="trilinear" if spatial_dims == 3 else "bilinear",
+        ),
         RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
         *[RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=a) for a in range(spatial_dims)],
     ]
@@ -267,7 +311,10 @@ class NormalizeFromPland(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             if img.shape[0] != len(self.schemes):
-                raise InputError(f"{key} {_source(data, key)}: the plan normalises {len(self.schemes)} channel(s), got {img.shape[0]}")
+                raise InputError(
+                    f"{key} {_source(data, key)}: the plan normalises {len(self.schemes)} channel(s), "
+                    f"got {img.shape[0]}"
+                )
             out = torch.as_tensor(img, dtype=torch.float32).clone()
             for c, scheme in enumerate(self.schemes):
                 x = out[c]
@@ -282,11 +329,17 @@ class NormalizeFromPland(MapTransform):
                         out[c] = torch.where(mask, (x - vals.mean()) / vals.std().clamp_min(1e-8), torch.zeros_like(x))
                 else:
                     out[c] = (x - x.mean()) / x.std().clamp_min(1e-8)
-            d[key] = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations) if isinstance(img, MetaTensor) else out
+            d[key] = (
+                MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+                if isinstance(img, MetaTensor)
+                else out
+            )
         return d
 
 
-def nnunet_preprocess(keys: Sequence[str], target_spacing: Sequence[float], schemes: Sequence[Mapping[str, Any]]) -> list:
+def nnunet_preprocess(
+    keys: Sequence[str], target_spacing: Sequence[float], schemes: Sequence[Mapping[str, Any]]
+) -> list:
     """Crop to non-zero, resample to the plan's spacing (3rd order image, nearest label), normalise.
 
     All steps but the normalisation are invertible, so the inferer can return labels in the
@@ -296,12 +349,18 @@ def nnunet_preprocess(keys: Sequence[str], target_spacing: Sequence[float], sche
     modes: Any = (3, "nearest") if len(keys) == 2 else 3
     return [
         CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True),
-        Spacingd(keys=keys, pixdim=list(target_spacing), mode=modes, padding_mode="border" if len(keys) == 1 else ("border", "border")),
+        Spacingd(
+            keys=keys,
+            pixdim=list(target_spacing),
+            mode=modes,
+            padding_mode="border" if len(keys) == 1 else ("border", "border"),
+        ),
         NormalizeFromPland(keys="image", schemes=schemes),
     ]
 
 
 # ---- 2D: slices of volumes, the U-Net paper's border weights, UNet_Medical augmentation ---------
+
 
 class RandSliced(Randomizable, MapTransform):
     """Turn a 3D (C, X, Y, Z) sample into one 2D slice along ``axis``; 2D samples pass unchanged.
@@ -310,7 +369,9 @@ class RandSliced(Randomizable, MapTransform):
     (foreground oversampling), otherwise uniformly. All ``keys`` get the same slice.
     """
 
-    def __init__(self, keys: KeysCollection, axis: int = 2, pos_fraction: float = 0.5, label_key: str = "label") -> None:
+    def __init__(
+        self, keys: KeysCollection, axis: int = 2, pos_fraction: float = 0.5, label_key: str = "label"
+    ) -> None:
         super().__init__(keys)
         self.axis = axis
         self.pos_fraction = pos_fraction
@@ -332,7 +393,9 @@ class RandSliced(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             x = d[key]
             sl = x.select(1 + self.axis, index)
-            d[key] = MetaTensor(sl.as_tensor() if isinstance(sl, MetaTensor) else sl) if isinstance(x, MetaTensor) else sl
+            d[key] = (
+                MetaTensor(sl.as_tensor() if isinstance(sl, MetaTensor) else sl) if isinstance(x, MetaTensor) else sl
+            )
         return d
 
 
@@ -352,7 +415,7 @@ def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -
         raise ValueError(f"border_weight_map takes a 2D label, got shape {lab.shape}")
     values, counts = np.unique(lab, return_counts=True)
     weights = np.zeros(lab.shape, dtype=np.float32)
-    for v, c in zip(values, counts):
+    for v, c in zip(values, counts, strict=True):
         weights[lab == v] = lab.size / (len(values) * c)
     objects, n = ndimage.label(lab > 0)
     if n < 2:
@@ -363,7 +426,9 @@ def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -
     for i, sl in enumerate(ndimage.find_objects(objects), start=1):
         if sl is None:
             continue
-        box = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, size)) for s, size in zip(sl, lab.shape))
+        box = tuple(
+            slice(max(s.start - reach, 0), min(s.stop + reach, size)) for s, size in zip(sl, lab.shape, strict=True)
+        )
         dist = ndimage.distance_transform_edt(objects[box] != i).astype(np.float32)
         a, b = d1[box], d2[box]
         closer = dist < a
@@ -380,8 +445,14 @@ class BorderWeightd(MapTransform):
     Deterministic, so a CacheDataset computes it once per case.
     """
 
-    def __init__(self, keys: KeysCollection = "label", weight_key: str = "weight", w0: float = 10.0, sigma: float = 5.0,
-                 axis: int = 2) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        weight_key: str = "weight",
+        w0: float = 10.0,
+        sigma: float = 5.0,
+        axis: int = 2,
+    ) -> None:
         super().__init__(keys)
         self.weight_key, self.w0, self.sigma, self.axis = weight_key, w0, sigma, axis
 
@@ -402,11 +473,15 @@ class BorderWeightd(MapTransform):
 
 def zscore_image(keys: str = "image") -> list:
     """Per-image, per-channel z-score over all pixels (EM / photographs: zero is a real intensity), float32."""
-    return [NormalizeIntensityd(keys=keys, nonzero=False, channel_wise=True), EnsureTyped(keys=keys, dtype=torch.float32)]
+    return [
+        NormalizeIntensityd(keys=keys, nonzero=False, channel_wise=True),
+        EnsureTyped(keys=keys, dtype=torch.float32),
+    ]
 
 
 def unet2d_augmentation(roi_size: Sequence[int], keys: Sequence[str] = ("image", "label")) -> list:
-    """UNet_Medical / U-Net paper augmentation for 2D: flips, rotation, elastic deformation, crop-and-resize, brightness.
+    """UNet_Medical / U-Net paper augmentation for 2D: flips, rotation, elastic deformation, crop-and-resize,
+    brightness.
 
     Spatial steps apply to every key in ``keys`` (labels and weights with nearest interpolation).
     Elastic deformation follows the paper: random displacements on a coarse grid (control
@@ -419,9 +494,17 @@ def unet2d_augmentation(roi_size: Sequence[int], keys: Sequence[str] = ("image",
         RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys=keys, prob=0.5, max_k=3),
-        Rand2DElasticd(keys=keys, prob=0.5, spacing=spacing, magnitude_range=(5.0, 10.0), mode=modes, padding_mode="reflection"),
-        RandZoomd(keys=keys, prob=0.5, min_zoom=1.0, max_zoom=1.25, keep_size=True,
-                  mode=["bilinear" if k == "image" else "nearest" for k in keys]),
+        Rand2DElasticd(
+            keys=keys, prob=0.5, spacing=spacing, magnitude_range=(5.0, 10.0), mode=modes, padding_mode="reflection"
+        ),
+        RandZoomd(
+            keys=keys,
+            prob=0.5,
+            min_zoom=1.0,
+            max_zoom=1.25,
+            keep_size=True,
+            mode=["bilinear" if k == "image" else "nearest" for k in keys],
+        ),
         RandShiftIntensityd(keys="image", offsets=0.2, prob=0.5),
         RandScaleIntensityd(keys="image", factors=0.2, prob=0.5),
     ]

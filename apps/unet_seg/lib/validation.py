@@ -24,8 +24,14 @@ import numpy as np
 
 # Formats the models can read, by file-name suffix (longest first so ".nii.gz" wins over ".gz").
 FORMATS: dict[str, str] = {
-    ".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd",
-    ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff",
+    ".nii.gz": "nifti",
+    ".nii": "nifti",
+    ".nrrd": "nrrd",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".tif": "tiff",
+    ".tiff": "tiff",
 }
 
 
@@ -89,18 +95,22 @@ def verify_gzip(path: str, max_bytes: int | None = None) -> None:
             while chunk := f.read(4 * 1024 * 1024):
                 total += len(chunk)
                 if max_bytes is not None and total > max_bytes:
-                    raise InputError(f"cannot be read: the compressed stream holds more than {max_bytes:,} bytes, "
-                                     f"more than its header declares")
+                    raise InputError(
+                        f"cannot be read: the compressed stream holds more than {max_bytes:,} bytes, "
+                        f"more than its header declares"
+                    )
     except InputError:
         raise
     except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"cannot be read: the gzip data is truncated or corrupt ({type(e).__name__}: {_short(e)})") from e
+        raise InputError(
+            f"cannot be read: the gzip data is truncated or corrupt ({type(e).__name__}: {_short(e)})"
+        ) from e
     if len(_verified) > 10_000:
         _verified.clear()
     _verified[key] = True
 
 
-def nifti_bytes(header: "FileHeader", offset: int = 0) -> int:
+def nifti_bytes(header: FileHeader, offset: int = 0) -> int:
     """Bytes a NIfTI file's data block should decompress to (header, extensions and voxels), with slack."""
     itemsize = header.dtype.itemsize if header.dtype is not None else 8
     return offset + header.voxels * itemsize + 1024 * 1024
@@ -123,7 +133,9 @@ def probe_file(path: str, name: str, max_voxels: int | None = None) -> FileHeade
             if suffix == ".nii.gz":
                 _gzip_ok_prefix(path)
             img = nib.load(path)
-            header = FileHeader(fmt, suffix, tuple(int(s) for s in img.shape), img.get_data_dtype(), np.asarray(img.affine))
+            header = FileHeader(
+                fmt, suffix, tuple(int(s) for s in img.shape), img.get_data_dtype(), np.asarray(img.affine)
+            )
             vox_offset = int(img.header.get("vox_offset", 0) or 0)
         elif fmt == "nrrd":
             import nrrd
@@ -149,8 +161,10 @@ def probe_file(path: str, name: str, max_voxels: int | None = None) -> FileHeade
     if any(s < 0 for s in header.shape):
         raise InputError(f"cannot be read: the header declares negative dimensions {header.shape}")
     if max_voxels is not None and header.voxels > max_voxels:
-        raise TooLarge(f"too many voxels: the header declares shape {header.shape} = {header.voxels:,} voxels, "
-                       f"over the server's limit of {max_voxels:,} voxels (conf max_voxels)")
+        raise TooLarge(
+            f"too many voxels: the header declares shape {header.shape} = {header.voxels:,} voxels, "
+            f"over the server's limit of {max_voxels:,} voxels (conf max_voxels)"
+        )
     if suffix == ".nii.gz":
         verify_gzip(path, nifti_bytes(header, vox_offset))
     return header
@@ -184,8 +198,10 @@ def check_dtype(arr: np.ndarray, what: str) -> None:
     """Real numbers only: no complex, no RGB/structured records, no strings or objects."""
     if arr.dtype.names is not None or arr.dtype.kind not in "biuf":
         kind = "complex" if arr.dtype.kind == "c" else ("RGB/structured" if arr.dtype.names else arr.dtype.kind)
-        raise InputError(f"{what} has an unsupported data type {arr.dtype} ({kind}); expected real numbers "
-                         f"(integer or floating point)")
+        raise InputError(
+            f"{what} has an unsupported data type {arr.dtype} ({kind}); expected real numbers "
+            f"(integer or floating point)"
+        )
 
 
 def count_non_finite(arr: np.ndarray) -> tuple[int, int]:
@@ -201,8 +217,9 @@ def check_finite(arr: np.ndarray, what: str) -> None:
     nan, inf = count_non_finite(arr)
     if nan or inf:
         parts = [f"{n:,} {kind} voxel{'s' if n != 1 else ''}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n]
-        raise InputError(f"{what} has non-finite values: {' and '.join(parts)} of {arr.size:,}; "
-                         f"every voxel must be a finite number")
+        raise InputError(
+            f"{what} has non-finite values: {' and '.join(parts)} of {arr.size:,}; every voxel must be a finite number"
+        )
 
 
 def check_affine(affine: Any, what: str) -> None:
@@ -215,8 +232,10 @@ def check_affine(affine: Any, what: str) -> None:
     lin = a[:3, :3]
     scale = max(float(np.abs(lin).max()), 1e-12)
     if abs(float(np.linalg.det(lin / scale))) < 1e-9:
-        raise InputError(f"{what} has a singular affine (voxel axes are degenerate: zero spacing or collinear "
-                         f"directions), so it has no geometry")
+        raise InputError(
+            f"{what} has a singular affine (voxel axes are degenerate: zero spacing or collinear "
+            f"directions), so it has no geometry"
+        )
 
 
 def check_image(arr: np.ndarray, affine: Any, what: str = "image") -> None:
@@ -230,24 +249,37 @@ def check_image(arr: np.ndarray, affine: Any, what: str = "image") -> None:
 
 def affine_offset_mm(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
     """Largest distance (mm) between where the two affines put the corners of a grid of ``shape``."""
-    corners = np.array(np.meshgrid(*[[0, max(int(s) - 1, 0)] for s in shape[:3]], indexing="ij")).reshape(len(shape[:3]), -1)
+    corners = np.array(np.meshgrid(*[[0, max(int(s) - 1, 0)] for s in shape[:3]], indexing="ij")).reshape(
+        len(shape[:3]), -1
+    )
     corners = np.vstack([corners, np.zeros((3 - corners.shape[0], corners.shape[1])), np.ones((1, corners.shape[1]))])
     pa = np.asarray(a, dtype=np.float64) @ corners
     pb = np.asarray(b, dtype=np.float64) @ corners
     return float(np.max(np.linalg.norm(pa[:3] - pb[:3], axis=0)))
 
 
-def check_label(label: np.ndarray, allowed: Iterable[int], what: str = "label", *, image_shape: Sequence[int] | None = None,
-                label_affine: Any = None, image_affine: Any = None, tolerance_mm: float = 0.5,
-                allow_empty: bool = False) -> np.ndarray:
+def check_label(
+    label: np.ndarray,
+    allowed: Iterable[int],
+    what: str = "label",
+    *,
+    image_shape: Sequence[int] | None = None,
+    label_affine: Any = None,
+    image_affine: Any = None,
+    tolerance_mm: float = 0.5,
+    allow_empty: bool = False,
+) -> np.ndarray:
     """Check a decoded label map; returns it as integers (int16/int32). See the module docstring."""
     check_dtype(label, what)
     check_finite(label, what)
     lab = label
     if image_shape is not None:
         if lab.ndim > len(image_shape):
-            lab = np.squeeze(lab, axis=tuple(range(len(image_shape), lab.ndim))) if all(
-                s == 1 for s in lab.shape[len(image_shape):]) else lab
+            lab = (
+                np.squeeze(lab, axis=tuple(range(len(image_shape), lab.ndim)))
+                if all(s == 1 for s in lab.shape[len(image_shape) :])
+                else lab
+            )
         if tuple(lab.shape) != tuple(image_shape):
             raise InputError(f"{what} shape {tuple(label.shape)} does not match the image's shape {tuple(image_shape)}")
     if label_affine is not None:
@@ -255,22 +287,27 @@ def check_label(label: np.ndarray, allowed: Iterable[int], what: str = "label", 
         if image_affine is not None:
             offset = affine_offset_mm(label_affine, image_affine, lab.shape)
             if offset > tolerance_mm:
-                raise InputError(f"{what} geometry differs from the image's by {offset:.2f} mm (corner distance; "
-                                 f"tolerance {tolerance_mm} mm): it was drawn on another grid or position")
-    if lab.dtype.kind == "f":
-        if not np.all(lab == np.rint(lab)):
-            raise InputError(f"{what} values must be integers (got fractional values such as "
-                             f"{float(lab[lab != np.rint(lab)].flat[0]):g})")
+                raise InputError(
+                    f"{what} geometry differs from the image's by {offset:.2f} mm (corner distance; "
+                    f"tolerance {tolerance_mm} mm): it was drawn on another grid or position"
+                )
+    if lab.dtype.kind == "f" and not np.all(lab == np.rint(lab)):
+        raise InputError(
+            f"{what} values must be integers (got fractional values such as "
+            f"{float(lab[lab != np.rint(lab)].flat[0]):g})"
+        )
     allowed_set = {0, *[int(v) for v in allowed]}
     values = np.unique(lab)
     unknown = [v for v in values.tolist() if v not in allowed_set]
     if unknown:
         shown = ", ".join(f"{int(v)}" if float(v).is_integer() and abs(v) < 2**63 else f"{v:g}" for v in unknown[:10])
         more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
-        raise InputError(f"{what} has values [{shown}]{more} that are not label values of the model; "
-                         f"allowed values: {sorted(allowed_set)}")
+        raise InputError(
+            f"{what} has values [{shown}]{more} that are not label values of the model; "
+            f"allowed values: {sorted(allowed_set)}"
+        )
     if len(values) == 1 and int(values[0]) != 0:
         raise InputError(f"{what} is constant (every voxel is {int(values[0])}): a label must mark background (0) too")
     if not allow_empty and not np.any(lab):
-        raise InputError(f"{what} is empty (all background); send params {{\"allow_empty\": true}} to store it anyway")
+        raise InputError(f'{what} is empty (all background); send params {{"allow_empty": true}} to store it anyway')
     return lab.astype(np.int16 if max(allowed_set) < 2**15 else np.int32)

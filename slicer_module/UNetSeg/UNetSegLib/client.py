@@ -29,7 +29,8 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
     if not content_type.lower().startswith("multipart/"):
         raise ValueError(f"not a multipart reply: {content_type!r}")
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
     parts: dict[str, tuple[str | None, bytes]] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
@@ -61,7 +62,9 @@ class UNetSegClient:
         try:
             r = requests.request(method, f"{self.url}{path}", timeout=timeout or self.timeout, **kwargs)
         except requests.Timeout as e:
-            raise ServerError(0, f"the server at {self.url} did not answer within {timeout or self.timeout:.0f} s") from e
+            raise ServerError(
+                0, f"the server at {self.url} did not answer within {timeout or self.timeout:.0f} s"
+            ) from e
         except requests.ConnectionError as e:
             raise ServerError(0, f"cannot reach the server at {self.url}: is it running?") from e
         if r.status_code >= 400:
@@ -82,7 +85,10 @@ class UNetSegClient:
         return self._call("GET", "/info/").json()
 
     def models(self, info: dict | None = None) -> dict[str, dict]:
-        """Every model the server knows, ready or not, with its ``ready`` flag and label map (from ``info`` if given)."""
+        """Every model the server knows, ready or not, with its ``ready`` flag and label map.
+
+        From ``info`` if given.
+        """
         info = info if info is not None else self.info()
         out = {name: dict(m, ready=True) for name, m in info.get("models", {}).items()}
         out.update({name: dict(m, ready=False) for name, m in info.get("models_not_ready", {}).items()})
@@ -95,8 +101,13 @@ class UNetSegClient:
 
     def infer(self, model: str, image_id: str, out_path: str, **params: Any) -> tuple[str, dict]:
         """Segment a stored study; writes the label file to ``out_path`` and returns it with the result JSON."""
-        r = self._call("POST", f"/infer/{model}", params={"image": image_id, "output": "all"},
-                       data={"params": json.dumps(params)}, timeout=self.infer_timeout)
+        r = self._call(
+            "POST",
+            f"/infer/{model}",
+            params={"image": image_id, "output": "all"},
+            data={"params": json.dumps(params)},
+            timeout=self.infer_timeout,
+        )
         parts = parse_multipart(r.headers.get("content-type", ""), r.content)
         meta = json.loads(parts["params"][1] or b"{}")
         filename, payload = parts["image"]
@@ -108,15 +119,21 @@ class UNetSegClient:
 
     def upload_image(self, image_id: str, path: str) -> dict:
         with open(path, "rb") as f:
-            return self._call("PUT", "/datastore/image", params={"image": image_id},
-                              files={"file": (os.path.basename(path), f)}).json()
+            return self._call(
+                "PUT", "/datastore/image", params={"image": image_id}, files={"file": (os.path.basename(path), f)}
+            ).json()
 
     def submit_label(self, image_id: str, path: str, label_info: list[dict] | None = None, tag: str = "final") -> dict:
         """Store a (corrected) label; the reply says whether automatic retraining started."""
         params = {"label_info": label_info} if label_info else {}
         with open(path, "rb") as f:
-            return self._call("PUT", "/datastore/label", params={"image": image_id, "tag": tag},
-                              files={"label": (os.path.basename(path), f)}, data={"params": json.dumps(params)}).json()
+            return self._call(
+                "PUT",
+                "/datastore/label",
+                params={"image": image_id, "tag": tag},
+                files={"label": (os.path.basename(path), f)},
+                data={"params": json.dumps(params)},
+            ).json()
 
     # ---- training ---------------------------------------------------------------------------
     def train_start(self, model: str, **params: Any) -> dict:

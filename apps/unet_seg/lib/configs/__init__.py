@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import json
 import inspect
+import json
 import os
 from typing import Any
 
@@ -29,7 +29,9 @@ def load_config_class(name: str) -> type[TaskConfig]:
     raise ImportError(f"lib/configs/{name}.py defines no TaskConfig subclass")
 
 
-def lifecycle(conf: dict[str, str], name: str, model_dir: str, pretrained: str | None) -> tuple[ModelStore, dict[str, Any]]:
+def lifecycle(
+    conf: dict[str, str], name: str, model_dir: str, pretrained: str | None
+) -> tuple[ModelStore, dict[str, Any]]:
     """The model's store (legacy files and the ``pretrained`` file imported) and the trainer's promotion settings.
 
     Conf keys (plain or ``<model>.``-prefixed): ``keep_versions`` (5), ``promotion``
@@ -43,8 +45,10 @@ def lifecycle(conf: dict[str, str], name: str, model_dir: str, pretrained: str |
             store.import_file(pretrained, source="imported", serve=True)
         except (MetaError, OSError, RuntimeError) as e:
             raise ConfError(f"{name}.pretrained {os.path.basename(pretrained)}: {e}") from e
-    promotion = {"promotion": c.str("promotion", "gate", model=name).lower(),
-                 "promotion_margin": c.float("promotion_margin", 0.01, model=name)}
+    promotion = {
+        "promotion": c.str("promotion", "gate", model=name).lower(),
+        "promotion_margin": c.float("promotion_margin", 0.01, model=name),
+    }
     return store, promotion
 
 

@@ -3,7 +3,8 @@
 Conf keys (plain or prefixed ``nnunet.``):
 
 * ``labels``, ``modalities``   as for unet3d (default ``anterior,posterior`` and ``1``)
-* ``modality``                 ``MRI`` (per-image z-score) or ``CT`` (clip + dataset z-score); one value or one per channel
+* ``modality``                 ``MRI`` (per-image z-score) or ``CT`` (clip + dataset z-score);
+                               one value or one per channel
 * ``gpu_memory_gb``            memory budget the plan's patch and batch are sized for (default 8, nnU-Net's reference)
 * ``schedule``                 ``fast`` (default, interactive: 50 epochs x 50 iterations) or
                                ``nnunet`` (nnU-Net's 1000 epochs x 250 iterations)
@@ -20,13 +21,11 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from . import lifecycle
 from ..conf import AppConf, ConfError, parse_modalities
-from ..recipes import NNUNET, NnUNetRecipe
 from ..infers.nnunet import NnUNetInfer
+from ..recipes import NNUNET, NnUNetRecipe
 from ..trainers.nnunet import NnUNetTrain, planner_settings
-
-SCHEDULES = NNUNET.schedules()
+from . import lifecycle
 
 
 class NnUNet(TaskConfig):
@@ -44,7 +43,9 @@ class NnUNet(TaskConfig):
         if len(kinds) == 1:
             kinds = kinds * len(self.modalities)
         if len(kinds) != len(self.modalities) or any(k not in ("CT", "MRI", "MR", "OTHER") for k in kinds):
-            raise ConfError(f"{name}.modality: give CT or MRI, once or per channel ({len(self.modalities)}), got {kinds}")
+            raise ConfError(
+                f"{name}.modality: give CT or MRI, once or per channel ({len(self.modalities)}), got {kinds}"
+            )
         self.kinds = ["MRI" if k == "MR" else k for k in kinds]
         schedule = c.str("schedule", r.schedule, model=name)
         schedules = r.schedules()
@@ -68,15 +69,33 @@ class NnUNet(TaskConfig):
         self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "store": self.store, "labels": self.labels,
-                "modality_names": self.modalities, "dims": self.dims}
+        return {
+            "model_name": self.name,
+            "store": self.store,
+            "labels": self.labels,
+            "modality_names": self.modalities,
+            "dims": self.dims,
+        }
 
     def infer(self) -> NnUNetInfer:
-        return NnUNetInfer(in_channels=len(self.modalities), roi_size=[0] * self.dims,
-                           description=f"nnU-Net {self.dims}D (self-configuring) for {', '.join(self.labels)}", **self._common())
+        return NnUNetInfer(
+            in_channels=len(self.modalities),
+            roi_size=[0] * self.dims,
+            description=f"nnU-Net {self.dims}D (self-configuring) for {', '.join(self.labels)}",
+            **self._common(),
+        )
 
     def trainer(self) -> NnUNetTrain:
-        return NnUNetTrain(modality_kinds=self.kinds, gpu_memory_gb=self.gpu_memory_gb, settings=self.settings,
-                           iterations_per_epoch=self.iterations, dropout=self.dropout, tracking=self.tracking, cache_mb=self.cache_mb, **self.promotion,
-                           description=f"Train nnU-Net {self.dims}D from a plan of the labelled studies",
-                           config={"max_epochs": self.max_epochs}, **self._common())
+        return NnUNetTrain(
+            modality_kinds=self.kinds,
+            gpu_memory_gb=self.gpu_memory_gb,
+            settings=self.settings,
+            iterations_per_epoch=self.iterations,
+            dropout=self.dropout,
+            tracking=self.tracking,
+            cache_mb=self.cache_mb,
+            **self.promotion,
+            description=f"Train nnU-Net {self.dims}D from a plan of the labelled studies",
+            config={"max_epochs": self.max_epochs},
+            **self._common(),
+        )

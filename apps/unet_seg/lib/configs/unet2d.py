@@ -25,13 +25,13 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from . import lifecycle
-from ..conf import AppConf, ConfError, parse_label_map, parse_modalities
-from ..recipes import UNET2D
-from ..infers.unet2d import UNet2DInfer
 from ..checkpoints import CheckpointMeta
+from ..conf import AppConf, ConfError, parse_label_map, parse_modalities
+from ..infers.unet2d import UNet2DInfer
 from ..networks import UNET2D_PRESETS, UNet2DSpec, preset_name
+from ..recipes import UNET2D
 from ..trainers.unet2d import UNet2DTrain
+from . import lifecycle
 
 
 class UNet2D(TaskConfig):
@@ -48,19 +48,28 @@ class UNet2D(TaskConfig):
         self.label_map = parse_label_map(c.get("label_map", r.label_map, model=name), f"{name}.label_map")
         unknown = sorted(set(self.label_map.values()) - {0, *self.labels.values()})
         if unknown:
-            raise ConfError(f"{name}.label_map maps to {unknown}, which are not label values {sorted(self.labels.values())}")
+            raise ConfError(
+                f"{name}.label_map maps to {unknown}, which are not label values {sorted(self.labels.values())}"
+            )
         self.modalities = parse_modalities(c.get("modalities", r.modalities, model=name))
         self.preset = c.str("preset", r.preset, model=name)
         try:
-            self.spec = UNet2DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1,
-                                               padding=c.str("padding", r.padding, model=name),
-                                               batch_norm=c.bool("batch_norm", r.batch_norm, model=name),
-                                               dropout=c.dropout(model=name))
+            self.spec = UNet2DSpec.from_preset(
+                self.preset,
+                in_channels=len(self.modalities),
+                out_channels=len(self.labels) + 1,
+                padding=c.str("padding", r.padding, model=name),
+                batch_norm=c.bool("batch_norm", r.batch_norm, model=name),
+                dropout=c.dropout(model=name),
+            )
         except ValueError as e:
             raise ConfError(f"{name}: {e}") from e
         self.roi_size = c.size("roi_size", r.roi_size, 2, model=name)
         if any(s % self.spec.divisor for s in self.roi_size):
-            raise ConfError(f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} for preset {self.preset!r}")
+            raise ConfError(
+                f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} "
+                f"for preset {self.preset!r}"
+            )
         self.slice_axis = c.int("slice_axis", r.slice_axis, model=name, minimum=0)
         if self.slice_axis > 2:
             raise ConfError(f"{name}.slice_axis must be 0, 1 or 2, got {self.slice_axis}")
@@ -78,25 +87,39 @@ class UNet2D(TaskConfig):
         self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "store": self.store, "labels": self.labels,
-                "modality_names": self.modalities}
+        return {"model_name": self.name, "store": self.store, "labels": self.labels, "modality_names": self.modalities}
 
     def infer(self) -> UNet2DInfer:
-        return UNet2DInfer(in_channels=len(self.modalities), roi_size=self.roi_size,
-                           description=f"2D U-Net (Ronneberger, preset {self.preset}, {self.spec.padding} padding) for "
-                                       f"{', '.join(self.labels)}; volumes slice by slice",
-                           **self._common())
+        return UNet2DInfer(
+            in_channels=len(self.modalities),
+            roi_size=self.roi_size,
+            description=f"2D U-Net (Ronneberger, preset {self.preset}, {self.spec.padding} padding) for "
+            f"{', '.join(self.labels)}; volumes slice by slice",
+            **self._common(),
+        )
 
     def trainer(self) -> UNet2DTrain:
-        return UNet2DTrain(spec=self.spec, roi_size=self.roi_size, slice_axis=self.slice_axis, label_map=self.label_map,
-                           tracking=self.tracking, cache_mb=self.cache_mb, **self.promotion, description=f"Train 2D U-Net (preset {self.preset})",
-                           config=self.train_defaults, **self._common())
+        return UNet2DTrain(
+            spec=self.spec,
+            roi_size=self.roi_size,
+            slice_axis=self.slice_axis,
+            label_map=self.label_map,
+            tracking=self.tracking,
+            cache_mb=self.cache_mb,
+            **self.promotion,
+            description=f"Train 2D U-Net (preset {self.preset})",
+            config=self.train_defaults,
+            **self._common(),
+        )
 
     @staticmethod
     def conf_from_meta(meta: CheckpointMeta) -> dict[str, str]:
         """Conf that makes this config match a model file (the command line's ``--ckpt``): preset, window, padding."""
-        conf = {"roi_size": ",".join(str(s) for s in meta.roi_size), "padding": str(meta.spec.get("padding", "same")),
-                "batch_norm": str(meta.spec.get("batch_norm", False)).lower()}
+        conf = {
+            "roi_size": ",".join(str(s) for s in meta.roi_size),
+            "padding": str(meta.spec.get("padding", "same")),
+            "batch_norm": str(meta.spec.get("batch_norm", False)).lower(),
+        }
         preset = preset_name(meta.spec, UNET2D_PRESETS)
         if preset:
             conf["preset"] = preset

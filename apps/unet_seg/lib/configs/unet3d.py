@@ -21,17 +21,15 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from . import lifecycle
-from ..conf import AppConf, parse_modalities
-from ..recipes import UNET3D
-from ..infers.unet3d import UNet3DInfer
 from ..checkpoints import CheckpointMeta
+from ..conf import AppConf, parse_modalities
+from ..infers.unet3d import UNet3DInfer
 from ..networks import UNET3D_PRESETS, UNet3DSpec, preset_name
+from ..recipes import UNET3D
 from ..trainers.unet3d import UNet3DTrain
+from . import lifecycle
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LABELS = UNET3D.labels
 
 
 class UNet3D(TaskConfig):
@@ -47,18 +45,25 @@ class UNet3D(TaskConfig):
         self.labels = c.labels(r.labels, model=name)
         self.modalities = parse_modalities(c.get("modalities", r.modalities, model=name))
         self.preset = c.str("preset", r.preset, model=name)
-        self.spec = UNet3DSpec.from_preset(self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1)
+        self.spec = UNet3DSpec.from_preset(
+            self.preset, in_channels=len(self.modalities), out_channels=len(self.labels) + 1
+        )
         self.spec.dropout = c.dropout(model=name)
         self.roi_size = c.size("roi_size", r.roi_size, 3, model=name)
         bad = [s for s in self.roi_size if s % self.spec.divisor]
         if bad:
-            raise ValueError(f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} for preset {self.preset!r}")
+            raise ValueError(
+                f"{name}.roi_size {self.roi_size}: sizes must be multiples of {self.spec.divisor} "
+                f"for preset {self.preset!r}"
+            )
         orientation = c.str("orientation", r.orientation, model=name)
         self.orientation = None if orientation.lower() in ("none", "") else orientation
         pretrained = c.get("pretrained", None, model=name)
         self.pretrained = os.path.abspath(pretrained) if pretrained else None
         if self.pretrained and not os.path.exists(self.pretrained):
-            logger.warning(f"{name}.pretrained {self.pretrained} does not exist; the model stays not ready until trained")
+            logger.warning(
+                f"{name}.pretrained {self.pretrained} does not exist; the model stays not ready until trained"
+            )
         self.tracking = c.str("tracking", r.tracking, model=name)
         self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
         self.train_defaults = {
@@ -69,18 +74,33 @@ class UNet3D(TaskConfig):
         self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "store": self.store, "labels": self.labels,
-                "modality_names": self.modalities, "orientation": self.orientation}
+        return {
+            "model_name": self.name,
+            "store": self.store,
+            "labels": self.labels,
+            "modality_names": self.modalities,
+            "orientation": self.orientation,
+        }
 
     def infer(self) -> UNet3DInfer:
-        return UNet3DInfer(in_channels=len(self.modalities), roi_size=self.roi_size,
-                           description=f"3D U-Net (No New-Net, preset {self.preset}) for {', '.join(self.labels)}",
-                           **self._common())
+        return UNet3DInfer(
+            in_channels=len(self.modalities),
+            roi_size=self.roi_size,
+            description=f"3D U-Net (No New-Net, preset {self.preset}) for {', '.join(self.labels)}",
+            **self._common(),
+        )
 
     def trainer(self) -> UNet3DTrain:
-        return UNet3DTrain(spec=self.spec, roi_size=self.roi_size, tracking=self.tracking, cache_mb=self.cache_mb, **self.promotion,
-                           description=f"Train 3D U-Net (preset {self.preset})", config=self.train_defaults,
-                           **self._common())
+        return UNet3DTrain(
+            spec=self.spec,
+            roi_size=self.roi_size,
+            tracking=self.tracking,
+            cache_mb=self.cache_mb,
+            **self.promotion,
+            description=f"Train 3D U-Net (preset {self.preset})",
+            config=self.train_defaults,
+            **self._common(),
+        )
 
     @staticmethod
     def conf_from_meta(meta: CheckpointMeta) -> dict[str, str]:

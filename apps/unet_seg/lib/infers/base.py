@@ -48,9 +48,19 @@ class SegInferTask(BasicInferTask):
     #: the network spec class of this model (``from_dict(spec).build()`` makes the network)
     spec_class: Any = None
 
-    def __init__(self, *, model_name: str, store: ModelStore, labels: Mapping[str, int], spatial_dims: int,
-                 in_channels: int, roi_size: Sequence[int], description: str,
-                 config: Mapping[str, Any] | None = None, network_dims: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        store: ModelStore,
+        labels: Mapping[str, int],
+        spatial_dims: int,
+        in_channels: int,
+        roi_size: Sequence[int],
+        description: str,
+        config: Mapping[str, Any] | None = None,
+        network_dims: int | None = None,
+    ) -> None:
         self.model_name = model_name
         self.store = store
         self.network_dims = network_dims or spatial_dims
@@ -126,8 +136,10 @@ class SegInferTask(BasicInferTask):
         path, _, reason = self._candidate()
         if path:
             return None
-        return (f"model '{self.model_name}' has no trained weights ({reason}); train it with "
-                f"POST /train/{self.model_name} or start the server with --conf {self.model_name}.pretrained <file>")
+        return (
+            f"model '{self.model_name}' has no trained weights ({reason}); train it with "
+            f"POST /train/{self.model_name} or start the server with --conf {self.model_name}.pretrained <file>"
+        )
 
     def info(self) -> dict[str, Any]:
         out = super().info()
@@ -149,8 +161,9 @@ class SegInferTask(BasicInferTask):
         """What every window size must be a multiple of (one factor per down-sampling of the network)."""
         return self.spec_class.from_dict(dict(meta.spec)).divisor
 
-    def load_network(self, device: torch.device, path: str | None = None,
-                     dropout: float | None = None) -> tuple[torch.nn.Module, CheckpointMeta]:
+    def load_network(
+        self, device: torch.device, path: str | None = None, dropout: float | None = None
+    ) -> tuple[torch.nn.Module, CheckpointMeta]:
         """A served network on ``device`` (the serving version unless ``path``), reloaded when its file changes.
 
         ``dropout`` rebuilds it with that dropout rate (same weights: dropout layers hold none), for
@@ -175,29 +188,39 @@ class SegInferTask(BasicInferTask):
             net.load_state_dict(state, strict=True)
             net.to(device).eval()
             self._loaded[cache_key] = (key, net, meta)
-            logger.info(f"{self.model_name}: loaded {meta.version or os.path.basename(path)} on {device}"
-                        + (f" with dropout {dropout}" if dropout is not None else ""))
+            logger.info(
+                f"{self.model_name}: loaded {meta.version or os.path.basename(path)} on {device}"
+                + (f" with dropout {dropout}" if dropout is not None else "")
+            )
             return net, meta
 
-    def _engine_inputs(self, data: dict[str, Any], meta: CheckpointMeta, dev: torch.device,
-                       default_overlap: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _engine_inputs(
+        self, data: dict[str, Any], meta: CheckpointMeta, dev: torch.device, default_overlap: float
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The batch ``(1, C, ...)`` and the engine arguments (window, slice axis, overlap, AMP) a request asks for."""
         roi_dims = len(meta.roi_size or self.roi_size)
         roi = parse_size(data.get("roi_size") or meta.roi_size or self.roi_size, roi_dims, "roi_size")
         if data.get("roi_size"):
             div = self.window_divisor(meta)
             divs = [int(div)] * roi_dims if isinstance(div, int) else [int(d) for d in div][-roi_dims:]
-            if any(r % d for r, d in zip(roi, divs)):
-                raise ConfError(f"roi_size: {list(roi)} is not a multiple of {divs} (the network halves each axis "
-                                f"that many times); try {[max(d, (r // d) * d) for r, d in zip(roi, divs)]}")
-        engine = {"roi_size": roi, "slice_axis": meta.slice_axis, "device": dev,
-                  "overlap": parse_float(data.get("overlap", default_overlap), "overlap"),
-                  "sw_batch_size": parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
-                  "amp": resolve_amp(data.get("amp", True), dev)}
+            if any(r % d for r, d in zip(roi, divs, strict=False)):
+                raise ConfError(
+                    f"roi_size: {list(roi)} is not a multiple of {divs} (the network halves each axis "
+                    f"that many times); try {[max(d, (r // d) * d) for r, d in zip(roi, divs, strict=False)]}"
+                )
+        engine = {
+            "roi_size": roi,
+            "slice_axis": meta.slice_axis,
+            "device": dev,
+            "overlap": parse_float(data.get("overlap", default_overlap), "overlap"),
+            "sw_batch_size": parse_int(data.get("sw_batch_size", 1), "sw_batch_size", 1),
+            "amp": resolve_amp(data.get("amp", True), dev),
+        }
         return torch.as_tensor(data[self.input_key])[None], engine
 
-    def mc_dropout_statistics(self, data: dict[str, Any], dev: torch.device, samples: int,
-                              dropout: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def mc_dropout_statistics(
+        self, data: dict[str, Any], dev: torch.device, samples: int, dropout: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Monte-Carlo dropout over the pre-processed image: ``samples`` passes with the dropout layers sampling.
 
         Returns the mean softmax ``(K, ...)``, the mean per-sample entropy ``(...)`` (nats) and run
@@ -214,7 +237,8 @@ class SegInferTask(BasicInferTask):
             raise ModelNotReady(
                 f"model '{self.model_name}' (version {meta.version}) was trained without dropout, so MC dropout "
                 f"has nothing to sample; train it with conf {self.model_name}.dropout=0.1 (or similar), or pass "
-                f'{{"dropout": 0.1}} to sample test-time dropout on these weights')
+                f'{{"dropout": 0.1}} to sample test-time dropout on these weights'
+            )
         rate = trained if dropout is None else float(dropout)
         if not 0.0 < rate < 1.0:
             raise ConfError(f"dropout must be in (0, 1), got {dropout}")
@@ -230,8 +254,12 @@ class SegInferTask(BasicInferTask):
                 mean_p = p / samples if mean_p is None else mean_p + p / samples
                 mean_h = h / samples if mean_h is None else mean_h + h / samples
         assert mean_p is not None and mean_h is not None
-        info = {"samples": samples, "dropout": rate, "dropout_source": "trained" if dropout is None else "test-time",
-                "model_version": meta.version}
+        info = {
+            "samples": samples,
+            "dropout": rate,
+            "dropout_source": "trained" if dropout is None else "test-time",
+            "model_version": meta.version,
+        }
         return mean_p, mean_h, info
 
     def clear_cache(self) -> None:
@@ -249,8 +277,11 @@ class SegInferTask(BasicInferTask):
     def inferer(self, data: Any = None) -> Any:
         raise NotImplementedError("SegInferTask runs the shared engine in run_inferer")
 
-    def compute_probabilities(self, data: dict[str, Any], dev: torch.device) -> tuple[torch.Tensor, dict, dict[str, Any]]:
-        """Softmax probabilities ``(1, K, ...)`` of the pre-processed image (ensemble summed), the serving meta, run info."""
+    def compute_probabilities(
+        self, data: dict[str, Any], dev: torch.device
+    ) -> tuple[torch.Tensor, dict, dict[str, Any]]:
+        """Softmax probabilities ``(1, K, ...)`` of the pre-processed image (ensemble summed), the serving meta,
+        run info."""
         net, meta = self.load_network(dev)
         members = [(net, meta)]
         if parse_bool(data.get("ensemble", False), "ensemble"):
@@ -262,12 +293,20 @@ class SegInferTask(BasicInferTask):
             p = predict_volume(member, image, blend=str(data.get("blend", "gaussian")), tta=tta, **engine)
             probs = p if probs is None else probs + p
         assert probs is not None
-        info = {"tta": tta, "amp": engine["amp"].describe(), "roi_size": list(engine["roi_size"]), "model_version": meta.version,
-                "ensemble": len(members)}
+        info = {
+            "tta": tta,
+            "amp": engine["amp"].describe(),
+            "roi_size": list(engine["roi_size"]),
+            "model_version": meta.version,
+            "ensemble": len(members),
+        }
         return probs / len(members), meta, info
 
     def save_probabilities(self, image: Any, path: str, request: dict[str, Any]) -> str:
-        """Write the softmax probabilities of ``image`` in its ORIGINAL geometry as NIfTI (channels last); returns ``path``."""
+        """Write the softmax probabilities of ``image`` in its ORIGINAL geometry as NIfTI (channels last).
+
+        Returns ``path``.
+        """
         import nibabel as nib
 
         if not self.is_valid():
@@ -280,8 +319,13 @@ class SegInferTask(BasicInferTask):
         if isinstance(source, MetaTensor):
             out = MetaTensor(out, meta=dict(source.meta), applied_operations=list(source.applied_operations))
             if out.applied_operations:
-                out = Invertd(keys="probs", transform=Compose(data["_pre_transforms"]), orig_keys=self.input_key,
-                              nearest_interp=False, to_tensor=True)({"probs": out, self.input_key: source})["probs"]
+                out = Invertd(
+                    keys="probs",
+                    transform=Compose(data["_pre_transforms"]),
+                    orig_keys=self.input_key,
+                    nearest_interp=False,
+                    to_tensor=True,
+                )({"probs": out, self.input_key: source})["probs"]
         arr = np.moveaxis(np.asarray(out, dtype=np.float32), 0, -1)
         affine = np.asarray(out.affine) if isinstance(out, MetaTensor) and out.affine.shape == (4, 4) else np.eye(4)
         nib.save(nib.Nifti1Image(arr, affine), path)
@@ -336,7 +380,6 @@ class SegInferTask(BasicInferTask):
         result["label_values"] = dict(self.labels)
         return label_file, result
 
-
     def _write_nifti(self, data: dict[str, Any]) -> tuple[str, dict]:
         """The label as NIfTI with exactly the request image's shape and affine (temp file; the route removes it)."""
         import tempfile
@@ -366,8 +409,13 @@ class RestoreGeometry:
         key = self.task.output_label_key
         label = data[key]
         if isinstance(label, MetaTensor) and label.applied_operations:
-            inverted = Invertd(keys=key, transform=Compose(data["_pre_transforms"]), orig_keys=self.task.input_key, nearest_interp=True,
-                               to_tensor=True)(data)
+            inverted = Invertd(
+                keys=key,
+                transform=Compose(data["_pre_transforms"]),
+                orig_keys=self.task.input_key,
+                nearest_interp=True,
+                to_tensor=True,
+            )(data)
             label = inverted[key]
         if isinstance(label, MetaTensor):
             out = MetaTensor(label[0].as_tensor().round().to(torch.int16), affine=label.affine)

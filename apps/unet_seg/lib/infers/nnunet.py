@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from ..networks import DynUNetSpec
 from ..planning import Plan
@@ -31,5 +29,7 @@ class NnUNetInfer(SegInferTask):
 
     def pre_transforms(self, data: Any = None) -> list:
         plan = self.served_plan()
-        return [*load_chain(["image"], self.in_channels, 3, None, None, self.modality_names),
-                *nnunet_preprocess(["image"], plan.target_spacing, plan.normalization)]
+        return [
+            *load_chain(["image"], self.in_channels, 3, None, None, self.modality_names),
+            *nnunet_preprocess(["image"], plan.target_spacing, plan.normalization),
+        ]

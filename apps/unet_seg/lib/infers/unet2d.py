@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from ..networks import UNet2DSpec
 from ..transforms import load_chain, zscore_image
@@ -22,4 +20,7 @@ class UNet2DInfer(SegInferTask):
         super().__init__(spatial_dims=2, network_dims=2, **kwargs)
 
     def pre_transforms(self, data: Any = None) -> list:
-        return [*load_chain(["image"], self.in_channels, (2, 3), None, None, self.modality_names), *zscore_image("image")]
+        return [
+            *load_chain(["image"], self.in_channels, (2, 3), None, None, self.modality_names),
+            *zscore_image("image"),
+        ]

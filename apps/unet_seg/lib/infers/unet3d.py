@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import torch
 
 from ..networks import UNet3DSpec
 from ..transforms import load_chain, zscore_nonzero
@@ -23,4 +21,7 @@ class UNet3DInfer(SegInferTask):
         super().__init__(spatial_dims=3, **kwargs)
 
     def pre_transforms(self, data: Any = None) -> list:
-        return [*load_chain(["image"], self.in_channels, 3, None, self.orientation, self.modality_names), *zscore_nonzero("image")]
+        return [
+            *load_chain(["image"], self.in_channels, 3, None, self.orientation, self.modality_names),
+            *zscore_nonzero("image"),
+        ]

@@ -59,8 +59,14 @@ class BoundedExecutor:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"workers": self.workers, "queue_limit": self.queue, "running": self._running,
-                    "waiting": self._pending - self._running, "completed": self._done, "dropped": self._dropped}
+            return {
+                "workers": self.workers,
+                "queue_limit": self.queue,
+                "running": self._running,
+                "waiting": self._pending - self._running,
+                "completed": self._done,
+                "dropped": self._dropped,
+            }
 
     def _retry_after(self) -> int:
         typical = sorted(self._recent)[len(self._recent) // 2] if self._recent else 5.0
@@ -71,9 +77,11 @@ class BoundedExecutor:
         """Queue ``fn(*args)``; ``QueueFull`` when ``workers + queue`` jobs are already pending."""
         with self._lock:
             if self._pending >= self.workers + self.queue:
-                raise QueueFull(f"the server is busy: {self._pending} {self.name} requests are running or queued "
-                                f"(limit {self.workers} running + {self.queue} queued); retry later",
-                                self._retry_after())
+                raise QueueFull(
+                    f"the server is busy: {self._pending} {self.name} requests are running or queued "
+                    f"(limit {self.workers} running + {self.queue} queued); retry later",
+                    self._retry_after(),
+                )
             self._pending += 1
 
         def run() -> T:
@@ -99,8 +107,13 @@ class BoundedExecutor:
             else:
                 self._done += 1
 
-    async def run(self, fn: Callable[..., T], *args: Any, client_gone: Callable[[], Awaitable[bool]] | None = None,
-                  poll_s: float = 0.25) -> T:
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
+        poll_s: float = 0.25,
+    ) -> T:
         """Run ``fn(*args)`` on a worker and await it without blocking the event loop.
 
         While the job waits for a worker, ``client_gone()`` is polled; if the client disconnected
@@ -112,11 +125,10 @@ class BoundedExecutor:
             done, _ = await asyncio.wait({wrapped}, timeout=poll_s)
             if done:
                 return wrapped.result()
-            if client_gone is not None and not future.running() and await client_gone():
-                if future.cancel():
-                    logger.info(f"{self.name}: client disconnected; dropped its queued request")
-                    raise asyncio.CancelledError("client disconnected")
+            # a queued job whose client went away is dropped (cancel() fails once it has started)
+            if client_gone is not None and not future.running() and await client_gone() and future.cancel():
+                logger.info(f"{self.name}: client disconnected; dropped its queued request")
+                raise asyncio.CancelledError("client disconnected")
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-

@@ -47,7 +47,7 @@ class Limits:
     label_tolerance_mm: float
 
     @classmethod
-    def from_conf(cls, conf: AppConf) -> "Limits":
+    def from_conf(cls, conf: AppConf) -> Limits:
         return cls(
             max_upload_bytes=int(conf.float("max_upload_mb", 1024.0) * 1024 * 1024),
             max_voxels=conf.int("max_voxels", 400_000_000, minimum=1),
@@ -61,13 +61,25 @@ class Limits:
         return self.train_body_bytes if path.startswith(SMALL_BODY_PREFIXES) else self.max_upload_bytes
 
 
-async def reply(send: Callable[[Message], Awaitable[None]], status: int, detail: str,
-                extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def reply(
+    send: Callable[[Message], Awaitable[None]],
+    status: int,
+    detail: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """Send a whole JSON ``{"detail": ...}`` reply from ASGI middleware (before the app answered)."""
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra_headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra_headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -93,15 +105,18 @@ class BodyGuard:
         self.limits = limits
         self.folders = folders
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
-                       send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
         limit = self.limits.body_limit(path)
-        too_large = (f"request body too large: over {limit:,} bytes allowed for {path.split('?')[0][:60]} "
-                     f"(conf {'train_body_kb' if limit == self.limits.train_body_bytes else 'max_upload_mb'})")
+        too_large = (
+            f"request body too large: over {limit:,} bytes allowed for {path.split('?')[0][:60]} "
+            f"(conf {'train_body_kb' if limit == self.limits.train_body_bytes else 'max_upload_mb'})"
+        )
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
@@ -130,7 +145,9 @@ class BodyGuard:
                 status = int(message["status"])
                 content_type = dict(message.get("headers") or []).get(b"content-type", b"")
                 if status >= 400 or content_type.startswith(b"application/json"):
-                    state["error"] = message  # hold it: the body is scrubbed first (errors and JSON replies such as /info)
+                    state["error"] = (
+                        message  # hold it: the body is scrubbed first (errors and JSON replies such as /info)
+                    )
                     return
                 state["started"] = True
             elif message["type"] == "http.response.body" and state["error"] is not None:

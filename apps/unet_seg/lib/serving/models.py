@@ -110,13 +110,17 @@ class ModelRoutes:
         try:
             task.build_network(meta).load_state_dict(state, strict=True)
         except Exception as e:  # noqa: BLE001
-            raise MetaError(f"file: its weights do not fit the network its spec describes ({str(e).splitlines()[0][:300]})") from e
+            raise MetaError(
+                f"file: its weights do not fit the network its spec describes ({str(e).splitlines()[0][:300]})"
+            ) from e
         return meta
 
     def _add_upload(self, task: Any, path: str, serve: bool, user: str) -> dict[str, Any]:
         self.check_upload(task, path)
         rec = task.store.import_file(path, source="uploaded", serve=serve)
-        logger.info(f"{task.model_name}: {rec.id} uploaded by {user or 'an admin'} ({'serving' if serve else 'candidate'})")
+        logger.info(
+            f"{task.model_name}: {rec.id} uploaded by {user or 'an admin'} ({'serving' if serve else 'candidate'})"
+        )
         return {"version": rec.id, "served": serve}
 
     async def upload(self, request: Request, model: str, serve: str = "true", user: str = "") -> dict[str, Any]:
@@ -139,13 +143,20 @@ class ModelRoutes:
         serving = store.serving()
         if serving is None:
             raise HTTPException(status_code=404, detail=f"model '{model}' has no serving version")
-        return FileResponse(store.path(serving.id), media_type="application/octet-stream", filename=f"{model}-{serving.id}.pt",
-                            headers={"X-Model-Version": serving.id})
+        return FileResponse(
+            store.path(serving.id),
+            media_type="application/octet-stream",
+            filename=f"{model}-{serving.id}.pt",
+            headers={"X-Model-Version": serving.id},
+        )
 
     @staticmethod
     def refuse_delete(model: str) -> None:
-        raise HTTPException(status_code=409, detail=f"model versions are not deleted by hand: roll back (POST /model/{model}/rollback) "
-                                                    f"or promote another version; old versions are pruned by keep_versions")
+        raise HTTPException(
+            status_code=409,
+            detail=f"model versions are not deleted by hand: roll back (POST /model/{model}/rollback) "
+            f"or promote another version; old versions are pruned by keep_versions",
+        )
 
     def table(self, admin: Any) -> list[tuple[str, list[str], Callable[..., Any]]]:
         """(path, methods, endpoint) rows; ``admin`` is the RBAC dependency of the admin role."""

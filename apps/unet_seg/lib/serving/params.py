@@ -35,8 +35,9 @@ def _bool(key: str, v: Any) -> None:
     raise ConfError(f"{key}: expected true or false, got {v!r}")
 
 
-def _number(lo: float | None, hi: float | None, integer: bool = False, lo_open: bool = False,
-            hi_open: bool = False) -> Check:
+def _number(
+    lo: float | None, hi: float | None, integer: bool = False, lo_open: bool = False, hi_open: bool = False
+) -> Check:
     def check(key: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise ConfError(f"{key}: expected {'an integer' if integer else 'a number'}, got {v!r}")
@@ -51,7 +52,11 @@ def _number(lo: float | None, hi: float | None, integer: bool = False, lo_open: 
         if bad_lo or bad_hi:
             left = "(" if lo_open else "["
             right = ")" if hi_open else "]"
-            raise ConfError(f"{key}: must be in {left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}, got {v!r}")
+            raise ConfError(
+                f"{key}: must be in {left}{lo if lo is not None else '-inf'}, "
+                f"{hi if hi is not None else 'inf'}{right}, got {v!r}"
+            )
+
     return check
 
 
@@ -59,6 +64,7 @@ def _enum(*values: str) -> Check:
     def check(key: str, v: Any) -> None:
         if not isinstance(v, str) or v.strip().lower() not in values:
             raise ConfError(f"{key}: expected one of {', '.join(values)}; got {v!r}")
+
     return check
 
 
@@ -85,6 +91,7 @@ def _size(minimum: int, maximum: int) -> Check:
         sizes = parse_size(v, max(dims, 1), key)
         if any(s < minimum or s > maximum for s in sizes):
             raise ConfError(f"{key}: every size must be in [{minimum}, {maximum}], got {v!r}")
+
     return check
 
 
@@ -92,6 +99,7 @@ def _text(max_len: int) -> Check:
     def check(key: str, v: Any) -> None:
         if not isinstance(v, str) or len(v) > max_len:
             raise ConfError(f"{key}: expected a string of at most {max_len} characters")
+
     return check
 
 
@@ -99,6 +107,7 @@ def _json_value(max_len: int) -> Check:
     def check(key: str, v: Any) -> None:
         if len(json.dumps(v)) > max_len:
             raise ConfError(f"{key}: value too long (over {max_len} characters as JSON)")
+
     return check
 
 
@@ -112,8 +121,9 @@ INFER_FIELDS: dict[str, Field] = {
     "sw_batch_size": Field(_number(1, 64, integer=True), "an integer in [1, 64]"),
     "roi_size": Field(_size(8, 1024), "sizes in [8, 1024] that are multiples of the network's downsampling factor"),
     "device": Field(_device, "auto, cpu, cuda, cuda:N"),
-    "result_extension": Field(_enum(".nii.gz", ".nii", ".nrrd", ".png", ".tif", ".tiff"),
-                              ".nii.gz, .nii, .nrrd, .png, .tif, .tiff"),
+    "result_extension": Field(
+        _enum(".nii.gz", ".nii", ".nrrd", ".png", ".tif", ".tiff"), ".nii.gz, .nii, .nrrd, .png, .tif, .tiff"
+    ),
     "result_dtype": Field(_enum("uint8", "int16", "uint16", "int32"), "uint8, int16, uint16, int32"),
     "result_compress": Field(_bool, "true/false"),
     # keys MONAI Label viewers send along (OHIF, Slicer): accepted and not used for segmentation
@@ -141,8 +151,10 @@ TRAIN_FIELDS: dict[str, Field] = {
     "pos_fraction": Field(_number(0.0, 1.0), "a number in [0, 1]"),
     "learning_rate": Field(_number(0.0, 10.0, lo_open=True), "a number in (0, 10]"),
     "grad_clip": Field(_number(0.0, None), "a number >= 0"),
-    "dataset": Field(_enum("auto", "cachedataset", "dataset", "persistentdataset", "smartcachedataset"),
-                     "auto, CacheDataset, Dataset, PersistentDataset, SmartCacheDataset"),
+    "dataset": Field(
+        _enum("auto", "cachedataset", "dataset", "persistentdataset", "smartcachedataset"),
+        "auto, CacheDataset, Dataset, PersistentDataset, SmartCacheDataset",
+    ),
     "dataloader": Field(_enum("threaddataloader", "dataloader"), "ThreadDataLoader or DataLoader"),
     "tracking": Field(_enum("mlflow", "none", ""), "mlflow or none"),
     "pretrained": Field(_bool, "true/false"),
@@ -177,19 +189,22 @@ def parse_params(text: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfError(f"{what}: expected a JSON object such as {{\"tta\": true}}, got {type(value).__name__}")
+        raise ConfError(f'{what}: expected a JSON object such as {{"tta": true}}, got {type(value).__name__}')
     return dict(value)
 
 
-def check_params(params: Mapping[str, Any], fields: Mapping[str, Field], what: str,
-                 extra: Sequence[str] = ()) -> dict[str, Any]:
+def check_params(
+    params: Mapping[str, Any], fields: Mapping[str, Field], what: str, extra: Sequence[str] = ()
+) -> dict[str, Any]:
     """Check every key of ``params`` against ``fields``; ``extra`` keys are accepted unchecked (e.g. per-model)."""
     for key, value in params.items():
         if key in extra:
             continue
         field = fields.get(key)
         if field is None:
-            raise ConfError(f"{what}: unknown parameter {str(key)[:60]!r}; allowed: {', '.join(sorted([*fields, *extra]))}")
+            raise ConfError(
+                f"{what}: unknown parameter {str(key)[:60]!r}; allowed: {', '.join(sorted([*fields, *extra]))}"
+            )
         field.check(key, value)
     return dict(params)
 

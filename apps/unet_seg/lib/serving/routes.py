@@ -73,17 +73,23 @@ class RequestFiles:
         self.fields: dict[str, str] = {}
         self.files: dict[str, tuple[str, str]] = {}  # field -> (path on disk, client's file name)
 
-    async def read(self, request: Request, file_fields: tuple[str, ...],
-                   suffix: Callable[[str], str] = file_suffix) -> "RequestFiles":
-        """Copy the form's files (only ``file_fields``; ``suffix`` names each file's format or refuses it) and fields."""
-        if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    async def read(
+        self, request: Request, file_fields: tuple[str, ...], suffix: Callable[[str], str] = file_suffix
+    ) -> RequestFiles:
+        """Copy the form's files (only ``file_fields``; ``suffix`` names each file's format or refuses it)
+        and fields."""
+        if not request.headers.get("content-type", "").startswith(
+            ("multipart/form-data", "application/x-www-form-urlencoded")
+        ):
             return self
         form = await request.form(max_files=4, max_fields=16, max_part_size=1024 * 1024)
         try:
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     if key not in file_fields:
-                        raise HTTPException(status_code=422, detail=f"unexpected file field {key!r}; expected: {', '.join(file_fields)}")
+                        raise HTTPException(
+                            status_code=422, detail=f"unexpected file field {key!r}; expected: {', '.join(file_fields)}"
+                        )
                     name = os.path.basename(value.filename or "upload.nii.gz")
                     path = os.path.join(self.folder, f"{key}{suffix(name)}")
                     with open(path, "wb") as out:
@@ -169,11 +175,18 @@ class Routes:
                 raise HTTPException(status_code=404, detail=f"session {session_id!r} not found (expired?)")
             path, name = session.image, session.image
             if os.path.isdir(path):  # an extracted archive: one image file inside is that image; else a DICOM series
-                found = [f for f in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, f)) and not f.lower().endswith(".dcm")]
+                found = [
+                    f
+                    for f in sorted(os.listdir(path))
+                    if os.path.isfile(os.path.join(path, f)) and not f.lower().endswith(".dcm")
+                ]
                 if len(found) == 1:
                     path = name = os.path.join(path, found[0])
         else:
-            raise HTTPException(status_code=422, detail="image: give a datastore image id (?image=<id>) or upload the image as form field 'file'")
+            raise HTTPException(
+                status_code=422,
+                detail="image: give a datastore image id (?image=<id>) or upload the image as form field 'file'",
+            )
         if os.path.isdir(path):
             return path  # a DICOM series folder: the reader checks it
         header = probe_file(path, name, self.limits.max_voxels)
@@ -182,22 +195,32 @@ class Routes:
         check_affine(header.affine, "image")
         return path
 
-    async def infer(self, request: Request, model: str, image: str = "", session_id: str = "",
-                    output: str | None = None) -> Response:
+    async def infer(
+        self, request: Request, model: str, image: str = "", session_id: str = "", output: str | None = None
+    ) -> Response:
         files = RequestFiles()
         keep_folder = False
         try:
             if model not in self.app._infers:
-                raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}")
+                raise HTTPException(
+                    status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}"
+                )
             if output is not None and output not in OUTPUTS:
-                raise HTTPException(status_code=422, detail=f"output: expected one of {', '.join(OUTPUTS)}; got {output[:40]!r}")
+                raise HTTPException(
+                    status_code=422, detail=f"output: expected one of {', '.join(OUTPUTS)}; got {output[:40]!r}"
+                )
             if output == "dicom_seg":
-                where = ("needs a DICOMweb datastore; this server stores files" if not self.app.studies.startswith(("http://", "https://"))
-                         else "is not available on this server yet")
+                where = (
+                    "needs a DICOMweb datastore; this server stores files"
+                    if not self.app.studies.startswith(("http://", "https://"))
+                    else "is not available on this server yet"
+                )
                 raise HTTPException(status_code=422, detail=f"output=dicom_seg {where} (use output=image, json or all)")
             await files.read(request, ("file", "label"))
             if "label" in files.files:
-                raise HTTPException(status_code=422, detail=f"label: model {model!r} takes no input label (send only 'file' or ?image=)")
+                raise HTTPException(
+                    status_code=422, detail=f"label: model {model!r} takes no input label (send only 'file' or ?image=)"
+                )
             params = check_params(parse_params(files.fields.get("params"), "params"), INFER_FIELDS, "params")
             path = await run_in_threadpool(self._resolve_image, files, image, session_id)  # reads the gzip stream
             req = {**params, "model": model, "image": path}
@@ -230,8 +253,12 @@ class Routes:
         from requests_toolbelt import MultipartEncoder
 
         with open(res_file, "rb") as f:
-            encoder = MultipartEncoder(fields={"params": (None, json.dumps(res_json), "application/json"),
-                                               "image": (os.path.basename(res_file), f.read(), "application/octet-stream")})
+            encoder = MultipartEncoder(
+                fields={
+                    "params": (None, json.dumps(res_json), "application/json"),
+                    "image": (os.path.basename(res_file), f.read(), "application/octet-stream"),
+                }
+            )
             return Response(content=encoder.to_string(), media_type=encoder.content_type, background=cleanup)
 
     # ---- datastore uploads ----------------------------------------------------------------
@@ -257,13 +284,18 @@ class Routes:
         finally:
             files.cleanup()
 
-    def _store_image(self, image_id: str, path: str, name: str, params: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    def _store_image(
+        self, image_id: str, path: str, name: str, params: dict[str, Any], overwrite: bool
+    ) -> dict[str, Any]:
         datastore = self.app.datastore()
         if isinstance(datastore, ValidatingDatastore):
             return datastore.add_checked_image(image_id, path, name, params, overwrite)
         check_image_upload(self.app.upload_rules(), path, name)
         if image_id in datastore.list_images() and not overwrite:
-            raise HTTPException(status_code=409, detail=f"image {image_id!r} already exists; send params {{\"overwrite\": true}} to replace it")
+            raise HTTPException(
+                status_code=409,
+                detail=f'image {image_id!r} already exists; send params {{"overwrite": true}} to replace it',
+            )
         return {"image": datastore.add_image(image_id, path, params)}
 
     def _require_reviewer(self, request: Request, what: str) -> None:
@@ -273,8 +305,11 @@ class Routes:
             return
         user = (request.scope.get("state") or {}).get("user") or {}
         if security.level(user.get("roles", [])) < 2:
-            raise HTTPException(status_code=403, detail=f"{what} needs the role {security.role_names[2]!r} (or higher); "
-                                                        f"user {user.get('username', '')!r} has {user.get('roles') or 'no roles'}")
+            raise HTTPException(
+                status_code=403,
+                detail=f"{what} needs the role {security.role_names[2]!r} (or higher); "
+                f"user {user.get('username', '')!r} has {user.get('roles') or 'no roles'}",
+            )
 
     async def save_label(self, request: Request, image: str, tag: str = "final", user: User | None = None) -> dict:
         files = RequestFiles()
@@ -287,8 +322,11 @@ class Routes:
             path, name = files.files["label"]
             params = parse_params(files.fields.get("params"), "params")
             check_info_size(params)
-            if (tag or "final") == "final" and image in self.app.datastore().list_images() \
-                    and self.app.datastore().get_label_by_image_id(image, "final"):
+            if (
+                (tag or "final") == "final"
+                and image in self.app.datastore().list_images()
+                and self.app.datastore().get_label_by_image_id(image, "final")
+            ):
                 self._require_reviewer(request, f"replacing the final label of {image!r}")
 
             def store() -> dict:
@@ -296,7 +334,9 @@ class Routes:
                 if isinstance(datastore, ValidatingDatastore):
                     label_id = datastore.save_checked_label(image, path, name, tag or "final", params)
                 else:  # e.g. DICOMweb: what can be checked without a local image file
-                    allow_empty = parse_bool(params.pop("allow_empty", False), "allow_empty") or (tag or "final") != "final"
+                    allow_empty = (
+                        parse_bool(params.pop("allow_empty", False), "allow_empty") or (tag or "final") != "final"
+                    )
                     check_label_upload(self.app.upload_rules(), path, name, allow_empty)
                     label_id = datastore.save_label(image, path, tag or "final", params)
                 res = self.app.on_save_label(image, label_id) or {}
@@ -316,7 +356,10 @@ class Routes:
     async def train(self, request: Request, model: str, run_sync: bool = False, enqueue: bool = False) -> Any:
         try:
             if model not in self.app._trainers:
-                raise HTTPException(status_code=404, detail=f"unknown model {model!r}; trainable models: {', '.join(self.app._trainers)}")
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"unknown model {model!r}; trainable models: {', '.join(self.app._trainers)}",
+                )
             params = check_params(await self._json_body(request, "training request"), TRAIN_FIELDS, "training request")
             from monailabel.endpoints.train import run_model
 
@@ -330,8 +373,13 @@ class Routes:
             body = await self._json_body(request, "training request")
             for model, params in body.items():
                 if model not in self.app._trainers:
-                    raise HTTPException(status_code=404, detail=f"unknown model {str(model)[:60]!r}; trainable models: {', '.join(self.app._trainers)}")
-                check_params(parse_params(params, f"training request for {model}"), TRAIN_FIELDS, f"training request for {model}")
+                    raise HTTPException(
+                        status_code=404,
+                        detail=f"unknown model {str(model)[:60]!r}; trainable models: {', '.join(self.app._trainers)}",
+                    )
+                check_params(
+                    parse_params(params, f"training request for {model}"), TRAIN_FIELDS, f"training request for {model}"
+                )
             from monailabel.endpoints.train import run
 
             return await run_in_threadpool(run, body, run_sync)
@@ -342,7 +390,10 @@ class Routes:
         """``POST /scoring/{method}``: body checked, the task started (or run, ``run_sync``) off the loop."""
         try:
             if method not in self.app._scoring_methods:
-                raise HTTPException(status_code=404, detail=f"unknown scoring method {method[:60]!r}; available: {', '.join(self.app._scoring_methods)}")
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"unknown scoring method {method[:60]!r}; available: {', '.join(self.app._scoring_methods)}",
+                )
             params = await self._json_body(request, "scoring request")
             from monailabel.endpoints.scoring import run_method
 
@@ -354,14 +405,20 @@ class Routes:
         """``POST /batch/infer/{model}``: inference parameters checked like /infer, the job started off the loop."""
         try:
             if model not in self.app._infers:
-                raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}")
+                raise HTTPException(
+                    status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}"
+                )
             from monailabel.endpoints.batch_infer import run
             from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
 
             choices = [t.value for t in BatchInferImageType]
             if images not in choices:
-                raise HTTPException(status_code=422, detail=f"images: expected one of {', '.join(choices)}; got {images[:40]!r}")
-            params = check_params(await self._json_body(request, "batch inference request"), INFER_FIELDS, "batch inference request")
+                raise HTTPException(
+                    status_code=422, detail=f"images: expected one of {', '.join(choices)}; got {images[:40]!r}"
+                )
+            params = check_params(
+                await self._json_body(request, "batch inference request"), INFER_FIELDS, "batch inference request"
+            )
             return await run_in_threadpool(run, model, BatchInferImageType(images), params, run_sync)
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
@@ -387,7 +444,10 @@ class Routes:
                         continue
                     name = os.path.basename(value.filename or "") or f"file{len(paths)}"
                     if not SAFE_NAME.match(name):
-                        raise HTTPException(status_code=422, detail=f"file name {name[:60]!r}: use letters, digits, '.', '_' and '-' only")
+                        raise HTTPException(
+                            status_code=422,
+                            detail=f"file name {name[:60]!r}: use letters, digits, '.', '_' and '-' only",
+                        )
                     path = os.path.join(folder, name)
                     with open(path, "wb") as out:
                         await run_in_threadpool(shutil.copyfileobj, value.file, out, 1024 * 1024)
@@ -407,7 +467,10 @@ class Routes:
                 raise HTTPException(status_code=409, detail="sessions are switched off on this server")
             source = paths[0] if len(paths) == 1 else folder
             session_id, info = await run_in_threadpool(sessions.add_session, source, expiry, uncompress)
-            return {"session_id": session_id, "session_info": {k: v for k, v in info.to_json().items() if k not in ("path", "image")}}
+            return {
+                "session_id": session_id,
+                "session_info": {k: v for k, v in info.to_json().items() if k not in ("path", "image")},
+            }
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
         finally:
@@ -426,23 +489,39 @@ class Routes:
         if not username or not password:
             raise HTTPException(status_code=422, detail="username and password are required (form fields)")
         try:
-            status, body = await run_in_threadpool(token_from_realm, ml_settings.MONAI_LABEL_AUTH_REALM_URI.rstrip("/"),
-                                                   ml_settings.MONAI_LABEL_AUTH_CLIENT_ID, username, password)
+            status, body = await run_in_threadpool(
+                token_from_realm,
+                ml_settings.MONAI_LABEL_AUTH_REALM_URI.rstrip("/"),
+                ml_settings.MONAI_LABEL_AUTH_CLIENT_ID,
+                username,
+                password,
+            )
         except Exception as e:  # noqa: BLE001 - the realm is down or answers nonsense: say so, never a traceback
             logger.error(f"/auth/token: the realm failed: {type(e).__name__}: {e}")
-            raise HTTPException(status_code=502, detail="the login service (realm) did not answer; try again later") from e
+            raise HTTPException(
+                status_code=502, detail="the login service (realm) did not answer; try again later"
+            ) from e
         return JSONResponse(body, status_code=status, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     # ---- installation -----------------------------------------------------------------------
     def install(self, fastapi_app: FastAPI, extra: Callable[[Any], RouteTable] | None = None) -> None:
-        """Put these routes (and ``extra(admin_dependency)``'s) in front of MONAI Label's (same paths and auth dependency)."""
+        """Put these routes (and ``extra(admin_dependency)``'s) in front of MONAI Label's.
+
+        Same paths and auth dependency.
+        """
         user = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
         annotator = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
         admin = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
         routes = self
 
-        async def infer(request: Request, model: str, image: str = "", session_id: str = "", output: str | None = None,
-                        u: User = user) -> Response:
+        async def infer(
+            request: Request,
+            model: str,
+            image: str = "",
+            session_id: str = "",
+            output: str | None = None,
+            u: User = user,
+        ) -> Response:
             return await routes.infer(request, model, image, session_id, output)
 
         async def add_image(request: Request, image: str | None = None, u: User = annotator) -> dict:
@@ -451,7 +530,9 @@ class Routes:
         async def save_label(request: Request, image: str, tag: str = "final", u: User = annotator) -> dict:
             return await routes.save_label(request, image, tag, u)
 
-        async def train(request: Request, model: str, run_sync: bool = False, enqueue: bool = False, u: User = admin) -> Any:
+        async def train(
+            request: Request, model: str, run_sync: bool = False, enqueue: bool = False, u: User = admin
+        ) -> Any:
             return await routes.train(request, model, run_sync, enqueue)
 
         async def train_all(request: Request, run_sync: bool = False, u: User = admin) -> Any:
@@ -463,8 +544,9 @@ class Routes:
         async def scoring(request: Request, method: str, run_sync: bool = False, u: User = annotator) -> Any:
             return await routes.scoring(request, method, run_sync)
 
-        async def batch_infer(request: Request, model: str, images: str = "all", run_sync: bool = False,
-                              u: User = admin) -> Any:
+        async def batch_infer(
+            request: Request, model: str, images: str = "all", run_sync: bool = False, u: User = admin
+        ) -> Any:
             return await routes.batch_infer(request, model, images, run_sync)
 
         async def token(request: Request) -> Response:
@@ -474,8 +556,11 @@ class Routes:
             return await routes.create_session(request, uncompress, expiry)
 
         async def no_wsi(model: str) -> Any:
-            raise HTTPException(status_code=404, detail=f"no whole-slide (WSI) models are served; use POST /infer/{{model}} "
-                                                        f"with models: {', '.join(routes.app._infers)}")
+            raise HTTPException(
+                status_code=404,
+                detail=f"no whole-slide (WSI) models are served; use POST /infer/{{model}} "
+                f"with models: {', '.join(routes.app._infers)}",
+            )
 
         table: RouteTable = [
             ("/auth/token", ["POST"], token),
@@ -493,9 +578,19 @@ class Routes:
             ("/batch/infer/{model}", ["POST"], batch_infer),
         ]
         table += extra(admin) if extra else []
-        new = [APIRoute(path, fn, methods=methods, include_in_schema=path != "/datastore/",
-                        dependency_overrides_provider=fastapi_app)  # so the app's auth overrides apply here too
-               for path, methods, fn in table]
+        new = [
+            # so the app's auth overrides apply here too
+            APIRoute(
+                path,
+                fn,
+                methods=methods,
+                include_in_schema=path != "/datastore/",
+                dependency_overrides_provider=fastapi_app,
+            )
+            for path, methods, fn in table
+        ]
         fastapi_app.router.routes[:0] = new
-        logger.info(f"unet_seg routes installed: {', '.join(p for p, _, _ in table)}; "
-                    f"inference workers {self.executor.workers}, queue {self.executor.queue}")
+        logger.info(
+            f"unet_seg routes installed: {', '.join(p for p, _, _ in table)}; "
+            f"inference workers {self.executor.workers}, queue {self.executor.queue}"
+        )

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-
-import threading
-import time
 
 import jwt
 import requests
@@ -58,23 +57,42 @@ ADMIN_ENDPOINTS: tuple[tuple[str, str], ...] = (
 
 
 def is_admin_endpoint(method: str, path: str) -> bool:
-    return any((m == "*" or m == method) and (path == prefix or path.startswith(prefix + "/"))
-               for m, prefix in ADMIN_ENDPOINTS)
+    return any(
+        (m == "*" or m == method) and (path == prefix or path.startswith(prefix + "/")) for m, prefix in ADMIN_ENDPOINTS
+    )
 
 
 LEVELS = ("user", "annotator", "reviewer", "admin")
 
 # (method or "*", path prefix, role); the first matching row wins, unlisted endpoints need admin.
 ROLE_MATRIX: tuple[tuple[str, str, str], ...] = (
-    ("GET", "/", "public"), ("GET", "/docs", "public"), ("GET", "/openapi.json", "public"), ("GET", "/favicon.ico", "public"),
-    ("GET", "/static", "public"), ("*", "/auth", "public"), ("GET", "/ohif", "public"),
-    ("*", "/model", "admin"), ("*", "/logs", "admin"), ("*", "/session", "admin"), ("DELETE", "/datastore", "admin"),
+    ("GET", "/", "public"),
+    ("GET", "/docs", "public"),
+    ("GET", "/openapi.json", "public"),
+    ("GET", "/favicon.ico", "public"),
+    ("GET", "/static", "public"),
+    ("*", "/auth", "public"),
+    ("GET", "/ohif", "public"),
+    ("*", "/model", "admin"),
+    ("*", "/logs", "admin"),
+    ("*", "/session", "admin"),
+    ("DELETE", "/datastore", "admin"),
     ("GET", "/datastore/dataset", "admin"),
-    ("GET", "/info", "user"), ("GET", "/datastore", "user"), ("HEAD", "/datastore", "user"), ("POST", "/infer", "user"),
-    ("POST", "/activelearning", "user"), ("GET", "/train", "user"), ("GET", "/scoring", "user"), ("GET", "/batch", "user"),
+    ("GET", "/info", "user"),
+    ("GET", "/datastore", "user"),
+    ("HEAD", "/datastore", "user"),
+    ("POST", "/infer", "user"),
+    ("POST", "/activelearning", "user"),
+    ("GET", "/train", "user"),
+    ("GET", "/scoring", "user"),
+    ("GET", "/batch", "user"),
     ("*", "/proxy", "user"),
-    ("PUT", "/datastore", "annotator"), ("POST", "/scoring", "annotator"),
-    ("POST", "/train", "reviewer"), ("DELETE", "/train", "reviewer"), ("*", "/batch", "reviewer"), ("DELETE", "/scoring", "reviewer"),
+    ("PUT", "/datastore", "annotator"),
+    ("POST", "/scoring", "annotator"),
+    ("POST", "/train", "reviewer"),
+    ("DELETE", "/train", "reviewer"),
+    ("*", "/batch", "reviewer"),
+    ("DELETE", "/scoring", "reviewer"),
 )
 
 
@@ -99,11 +117,16 @@ class SecurityConf:
     leeway_s: float = 30.0
     roles_claim: str = "realm_access#roles"
     username_claim: str = "preferred_username"
-    role_names: tuple[str, str, str, str] = ("monailabel-user", "monailabel-annotator", "monailabel-reviewer", "monailabel-admin")
+    role_names: tuple[str, str, str, str] = (
+        "monailabel-user",
+        "monailabel-annotator",
+        "monailabel-reviewer",
+        "monailabel-admin",
+    )
     matrix: tuple[tuple[str, str, str], ...] = ROLE_MATRIX
 
     @classmethod
-    def from_conf(cls, conf: AppConf, auth_enabled: bool, settings: Any = None) -> "SecurityConf":
+    def from_conf(cls, conf: AppConf, auth_enabled: bool, settings: Any = None) -> SecurityConf:
         origins = [o.strip().rstrip("/") for o in conf.str("cors_origins", "").split(",") if o.strip()]
         if "*" in origins:
             raise ConfError("cors_origins: '*' is not allowed (credentials are sent); list the viewer origins")
@@ -117,18 +140,27 @@ class SecurityConf:
             for key, role in dict(rows).items():
                 method, _, prefix = str(key).partition(" ")
                 if role not in (*LEVELS, "public") or not prefix.startswith("/"):
-                    raise ConfError(f"role_matrix: {key!r}: expected 'METHOD /path' -> one of {', '.join((*LEVELS, 'public'))}")
+                    raise ConfError(
+                        f"role_matrix: {key!r}: expected 'METHOD /path' -> one of {', '.join((*LEVELS, 'public'))}"
+                    )
                 extra.append((method.upper(), prefix, role))
         realm = str(getattr(settings, "MONAI_LABEL_AUTH_REALM_URI", "") or "").rstrip("/")
-        names = tuple(str(getattr(settings, f"MONAI_LABEL_AUTH_ROLE_{lvl.upper()}", f"monailabel-{lvl}")) for lvl in LEVELS)
-        return cls(auth_enabled=auth_enabled, admin_without_auth=conf.bool("admin_without_auth", False),
-                   cors_origins=frozenset(origins), realm_uri=realm, issuer=conf.str("auth_issuer", realm),
-                   audience=conf.str("auth_audience", str(getattr(settings, "MONAI_LABEL_AUTH_CLIENT_ID", "") or "")),
-                   leeway_s=conf.float("auth_leeway_s", 30.0),
-                   roles_claim=str(getattr(settings, "MONAI_LABEL_AUTH_TOKEN_ROLES", "realm_access#roles")),
-                   username_claim=str(getattr(settings, "MONAI_LABEL_AUTH_TOKEN_USERNAME", "preferred_username")),
-                   role_names=names,  # type: ignore[arg-type]
-                   matrix=(*extra, *ROLE_MATRIX))
+        names = tuple(
+            str(getattr(settings, f"MONAI_LABEL_AUTH_ROLE_{lvl.upper()}", f"monailabel-{lvl}")) for lvl in LEVELS
+        )
+        return cls(
+            auth_enabled=auth_enabled,
+            admin_without_auth=conf.bool("admin_without_auth", False),
+            cors_origins=frozenset(origins),
+            realm_uri=realm,
+            issuer=conf.str("auth_issuer", realm),
+            audience=conf.str("auth_audience", str(getattr(settings, "MONAI_LABEL_AUTH_CLIENT_ID", "") or "")),
+            leeway_s=conf.float("auth_leeway_s", 30.0),
+            roles_claim=str(getattr(settings, "MONAI_LABEL_AUTH_TOKEN_ROLES", "realm_access#roles")),
+            username_claim=str(getattr(settings, "MONAI_LABEL_AUTH_TOKEN_USERNAME", "preferred_username")),
+            role_names=names,  # type: ignore[arg-type]
+            matrix=(*extra, *ROLE_MATRIX),
+        )
 
     def required(self, method: str, path: str) -> str:
         """The role an endpoint needs ('public' for none)."""
@@ -161,7 +193,11 @@ class TokenVerifier:
                 r = requests.get(self.conf.realm_uri, timeout=10)
                 r.raise_for_status()
                 key = str(r.json()["public_key"]).strip()
-                self._key = key if key.startswith("-----BEGIN") else f"-----BEGIN PUBLIC KEY-----\n{key}\n-----END PUBLIC KEY-----"
+                self._key = (
+                    key
+                    if key.startswith("-----BEGIN")
+                    else f"-----BEGIN PUBLIC KEY-----\n{key}\n-----END PUBLIC KEY-----"
+                )
                 self._fetched = time.time()
             return self._key
 
@@ -174,8 +210,15 @@ class TokenVerifier:
             raise AuthError(f"cannot fetch the realm's public key: {type(e).__name__}") from e
         for attempt in (0, 1):
             try:
-                payload = jwt.decode(token, key, algorithms=["RS256"], audience=self.conf.audience or None,
-                                     issuer=self.conf.issuer, leeway=self.conf.leeway_s, options=options)
+                payload = jwt.decode(
+                    token,
+                    key,
+                    algorithms=["RS256"],
+                    audience=self.conf.audience or None,
+                    issuer=self.conf.issuer,
+                    leeway=self.conf.leeway_s,
+                    options=options,
+                )
                 break
             except jwt.InvalidSignatureError as e:
                 if attempt == 0:
@@ -187,9 +230,12 @@ class TokenVerifier:
         roles: Any = payload
         for part in self.conf.roles_claim.split("#"):
             roles = roles.get(part) if isinstance(roles, dict) else None
-        return {"username": str(payload.get(self.conf.username_claim) or payload.get("sub") or ""),
-                "email": payload.get("email"), "name": payload.get("name"),
-                "roles": [str(r) for r in roles] if isinstance(roles, list) else []}
+        return {
+            "username": str(payload.get(self.conf.username_claim) or payload.get("sub") or ""),
+            "email": payload.get("email"),
+            "name": payload.get("name"),
+            "roles": [str(r) for r in roles] if isinstance(roles, list) else [],
+        }
 
 
 class SecurityGate:
@@ -200,16 +246,26 @@ class SecurityGate:
         self.conf = conf
         self.verifier = TokenVerifier(conf)
 
-    async def _authorise(self, scope: Scope, method: str, path: str, headers: dict[bytes, bytes],
-                         send: Callable[[Message], Awaitable[None]]) -> bool:
+    async def _authorise(
+        self,
+        scope: Scope,
+        method: str,
+        path: str,
+        headers: dict[bytes, bytes],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> bool:
         """True when the request may go on (user in scope state); otherwise the 401/403 has been sent."""
         need = self.conf.required(method, path)
         if need == "public":
             return True
         auth = headers.get(b"authorization", b"").decode("latin-1")
         if not auth.lower().startswith("bearer "):
-            await reply(send, 401, "authentication required: send Authorization: Bearer <token> (POST /auth/token gives one)",
-                        [(b"www-authenticate", b"Bearer")])
+            await reply(
+                send,
+                401,
+                "authentication required: send Authorization: Bearer <token> (POST /auth/token gives one)",
+                [(b"www-authenticate", b"Bearer")],
+            )
             return False
         from starlette.concurrency import run_in_threadpool
 
@@ -217,17 +273,27 @@ class SecurityGate:
             user = await run_in_threadpool(self.verifier.verify, auth[7:].strip())
         except AuthError as e:
             logger.warning(f"{method} {path}: {e}")
-            await reply(send, 401, "invalid or expired token; log in again", [(b"www-authenticate", b'Bearer error="invalid_token"')])
+            await reply(
+                send,
+                401,
+                "invalid or expired token; log in again",
+                [(b"www-authenticate", b'Bearer error="invalid_token"')],
+            )
             return False
         if self.conf.level(user["roles"]) < LEVELS.index(need):
-            await reply(send, 403, f"{method} {path[:80]} needs the role {self.conf.role_names[LEVELS.index(need)]!r} "
-                                   f"(or higher); user {user['username']!r} has {user['roles'] or 'no roles'}")
+            await reply(
+                send,
+                403,
+                f"{method} {path[:80]} needs the role {self.conf.role_names[LEVELS.index(need)]!r} "
+                f"(or higher); user {user['username']!r} has {user['roles'] or 'no roles'}",
+            )
             return False
         scope.setdefault("state", {})["user"] = user
         return True
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
-                       send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -239,23 +305,37 @@ class SecurityGate:
         if foreign and method == "OPTIONS" and b"access-control-request-method" in headers:
             await reply(send, 403, f"origin {origin[:100]!r} is not allowed (conf cors_origins)")
             return
-        if self.conf.auth_enabled and method != "OPTIONS" and not await self._authorise(scope, method, path, headers, send):
+        if (
+            self.conf.auth_enabled
+            and method != "OPTIONS"
+            and not await self._authorise(scope, method, path, headers, send)
+        ):
             return
         if not self.conf.auth_enabled and not self.conf.admin_without_auth and is_admin_endpoint(method, path):
-            await reply(send, 403, f"{method} {path.split('?')[0][:80]} is an admin endpoint and authentication is off: "
-                                   f"enable it (MONAI_LABEL_AUTH_ENABLE=true with a realm) or, on a trusted loopback-only "
-                                   f"set-up, start with --conf admin_without_auth true")
+            await reply(
+                send,
+                403,
+                f"{method} {path.split('?')[0][:80]} is an admin endpoint and authentication is off: "
+                f"enable it (MONAI_LABEL_AUTH_ENABLE=true with a realm) or, on a trusted loopback-only "
+                f"set-up, start with --conf admin_without_auth true",
+            )
             return
 
         async def filtered_send(message: Message) -> None:
             if message["type"] == "http.response.start" and origin:
                 kept = [(k, v) for k, v in message.get("headers", []) if not k.lower().startswith(b"access-control-")]
                 if not foreign:
-                    kept += [(b"access-control-allow-origin", origin.encode("latin-1")),
-                             (b"access-control-allow-credentials", b"true"), (b"vary", b"Origin")]
-                    kept += [(k, v) for k, v in message.get("headers", [])
-                             if k.lower().startswith(b"access-control-") and k.lower() not in
-                             (b"access-control-allow-origin", b"access-control-allow-credentials")]
+                    kept += [
+                        (b"access-control-allow-origin", origin.encode("latin-1")),
+                        (b"access-control-allow-credentials", b"true"),
+                        (b"vary", b"Origin"),
+                    ]
+                    kept += [
+                        (k, v)
+                        for k, v in message.get("headers", [])
+                        if k.lower().startswith(b"access-control-")
+                        and k.lower() not in (b"access-control-allow-origin", b"access-control-allow-credentials")
+                    ]
                 message = {**message, "headers": kept}
             await send(message)
 
@@ -299,8 +379,11 @@ def token_from_realm(realm_uri: str, client_id: str, username: str, password: st
     """Password grant at the realm's token endpoint: (status, JSON) — 200 with the token, 401 for bad credentials."""
     config = requests.get(f"{realm_uri}/.well-known/openid-configuration", timeout=10)
     config.raise_for_status()
-    r = requests.post(config.json()["token_endpoint"], timeout=30,
-                      data={"grant_type": "password", "client_id": client_id, "username": username, "password": password})
+    r = requests.post(
+        config.json()["token_endpoint"],
+        timeout=30,
+        data={"grant_type": "password", "client_id": client_id, "username": username, "password": password},
+    )
     if r.status_code in (400, 401, 403):
         return 401, {"detail": "invalid user name or password"}
     r.raise_for_status()

@@ -59,9 +59,21 @@ class SegTrainTask(BasicTrainTask):
     #: improved the run's validation Dice (stored in the version's meta, applied at inference)
     search_postprocessing: bool = False
 
-    def __init__(self, *, model_name: str, store: ModelStore, labels: Mapping[str, int], spatial_dims: int,
-                 in_channels: int, description: str, tracking: str = "mlflow", config: Mapping[str, Any] | None = None,
-                 cache_mb: int = 2048, promotion: str = "gate", promotion_margin: float = 0.01) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        store: ModelStore,
+        labels: Mapping[str, int],
+        spatial_dims: int,
+        in_channels: int,
+        description: str,
+        tracking: str = "mlflow",
+        config: Mapping[str, Any] | None = None,
+        cache_mb: int = 2048,
+        promotion: str = "gate",
+        promotion_margin: float = 0.01,
+    ) -> None:
         self.model_name = model_name
         self.store = store
         self.model_dir = store.model_dir
@@ -72,7 +84,8 @@ class SegTrainTask(BasicTrainTask):
         if promotion not in PROMOTION_MODES:
             raise ConfError(f"promotion: expected one of {', '.join(PROMOTION_MODES)}, got {promotion!r}")
         self.promotion_mode, self.promotion_margin = promotion, float(promotion_margin)
-        self.paths = RunPaths(self.model_dir, model_name)  # the single-split run's paths (info, CLI); a request makes its own
+        # the single-split run's paths (info, CLI); a request makes its own
+        self.paths = RunPaths(self.model_dir, model_name)
         tracking = (tracking or "none").lower()
         defaults: dict[str, Any] = {
             "name": self.paths.name,
@@ -135,13 +148,25 @@ class SegTrainTask(BasicTrainTask):
         """The meta of this run's version at the current epoch."""
         req = context.request
         return CheckpointMeta(
-            model=self.model_name, labels=dict(self.labels), in_channels=self.in_channels, spatial_dims=self.spatial_dims,
-            spec=self.network_spec(context), roi_size=list(self.roi_size(context)), slice_axis=self.slice_axis(context),
-            validation=validation, data_fingerprint=req.get("_fingerprint"), parent=req.get("_parent"), created=now_iso(),
-            source="trained", run_id=context.run_id, epoch=int(context.trainer.state.epoch),
-            fold=req["_paths"].fold, amp=self.amp_policy(context).describe(), world_size=max(context.world_size, 1),
-            **self.extra_meta(context))
-
+            model=self.model_name,
+            labels=dict(self.labels),
+            in_channels=self.in_channels,
+            spatial_dims=self.spatial_dims,
+            spec=self.network_spec(context),
+            roi_size=list(self.roi_size(context)),
+            slice_axis=self.slice_axis(context),
+            validation=validation,
+            data_fingerprint=req.get("_fingerprint"),
+            parent=req.get("_parent"),
+            created=now_iso(),
+            source="trained",
+            run_id=context.run_id,
+            epoch=int(context.trainer.state.epoch),
+            fold=req["_paths"].fold,
+            amp=self.amp_policy(context).describe(),
+            world_size=max(context.world_size, 1),
+            **self.extra_meta(context),
+        )
 
     # ---- request helpers --------------------------------------------------------------------
     def amp_policy(self, context: Context) -> AmpPolicy:
@@ -244,8 +269,13 @@ class SegTrainTask(BasicTrainTask):
             nfolds = parse_int(request.get("nfolds", 5), "nfolds")
             train, val = fold_split(datalist, paths.folds, nfolds, paths.fold, seed)
         else:
-            train, val = stable_split(datalist, paths.split, val_split, seed=seed,
-                                      resplit=parse_bool(request.get("resplit", False), "resplit"))
+            train, val = stable_split(
+                datalist,
+                paths.split,
+                val_split,
+                seed=seed,
+                resplit=parse_bool(request.get("resplit", False), "resplit"),
+            )
         request["train_ds"], request["val_ds"] = train, val
         request["_fingerprint"] = data_fingerprint(datalist)
         return datalist
@@ -260,14 +290,18 @@ class SegTrainTask(BasicTrainTask):
         if context.dataset_type == "auto":
             size_mb = estimated_bytes(datalist) / 2**20
             context.dataset_type = "CacheDataset" if size_mb <= self.cache_mb else "Dataset"
-            logger.info(f"dataset=auto: ~{size_mb:.0f} MB decoded vs cache_mb={self.cache_mb} -> {context.dataset_type}")
+            logger.info(
+                f"dataset=auto: ~{size_mb:.0f} MB decoded vs cache_mb={self.cache_mb} -> {context.dataset_type}"
+            )
         return super()._dataset(context, datalist, is_train, replace_rate)
 
     # ---- one request ------------------------------------------------------------------------
     def run_paths(self, request: Mapping[str, Any]) -> RunPaths:
         """The files of the run a request asks for (a fold run has its own stats and resume state)."""
         fold = request.get("fold")
-        return RunPaths(self.model_dir, self.model_name, parse_int(fold, "fold") if fold is not None and str(fold) != "" else None)
+        return RunPaths(
+            self.model_dir, self.model_name, parse_int(fold, "fold") if fold is not None and str(fold) != "" else None
+        )
 
     def __call__(self, request: dict, datastore: Any) -> dict:
         req = copy.deepcopy(self._config)
@@ -313,8 +347,12 @@ class SegTrainTask(BasicTrainTask):
         optimizer = self.optimizer(context)
         if context.multi_gpu:
             ids = [context.device.index] if context.device.type == "cuda" else None
-            network = torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, output_device=ids[0] if ids else None,
-                                                                find_unused_parameters=self._find_unused_parameters)
+            network = torch.nn.parallel.DistributedDataParallel(
+                network,
+                device_ids=ids,
+                output_device=ids[0] if ids else None,
+                find_unused_parameters=self._find_unused_parameters,
+            )
         return network, optimizer
 
     def _load_checkpoint(self, context: Context, train_handlers: list) -> None:
@@ -343,15 +381,23 @@ class SegTrainTask(BasicTrainTask):
     def save_resume_state(self, context: Context) -> None:
         """Write the resume state atomically (rank 0, after each epoch's validation)."""
         net = getattr(context.network, "module", context.network)  # unwrap DDP
-        state = {"network": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                 "optimizer": context.optimizer.state_dict(), "epoch": int(context.trainer.state.epoch),
-                 "iteration": int(context.trainer.state.iteration), "spec": self.network_spec(context), "run_id": context.run_id}
+        state = {
+            "network": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "optimizer": context.optimizer.state_dict(),
+            "epoch": int(context.trainer.state.epoch),
+            "iteration": int(context.trainer.state.iteration),
+            "spec": self.network_spec(context),
+            "run_id": context.run_id,
+        }
         path = context.request["_paths"].resume
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
 
     def load_resume_state(self, context: Context) -> int:
-        """Continue from the resume state when it fits this config: weights, optimizer, epoch and lr schedule. Returns the epoch."""
+        """Continue from the resume state when it fits this config: weights, optimizer, epoch and lr schedule.
+
+        Returns the epoch.
+        """
         path = context.request["_paths"].resume
         name = os.path.basename(path)
         if not os.path.exists(path):
@@ -362,7 +408,9 @@ class SegTrainTask(BasicTrainTask):
             raise ConfError(f"resume: {name} was made for another network ({state.get('spec')}); train without resume")
         epoch = int(state["epoch"])
         if epoch >= context.max_epochs:
-            raise ConfError(f"resume: {name} already finished epoch {epoch} of max_epochs={context.max_epochs}; ask for more epochs")
+            raise ConfError(
+                f"resume: {name} already finished epoch {epoch} of max_epochs={context.max_epochs}; ask for more epochs"
+            )
         getattr(context.network, "module", context.network).load_state_dict(state["network"])
         context.optimizer.load_state_dict(state["optimizer"])
         sched = getattr(context, "lr_scheduler", None)
@@ -374,15 +422,20 @@ class SegTrainTask(BasicTrainTask):
         return epoch
 
     def finalize(self, context: Context) -> None:
-        """Resume, step limit, and on rank 0: the per-epoch publisher and the end-of-run gate (replaces MONAI Label's publisher)."""
-        super().finalize(context)  # MONAI Label's stats file and early stopping (it publishes nothing: publish_path is None)
+        """Resume, step limit, and on rank 0: the per-epoch publisher and the end-of-run gate.
+
+        Replaces MONAI Label's publisher.
+        """
+        # MONAI Label's stats file and early stopping (it publishes nothing: publish_path is None)
+        super().finalize(context)
         if parse_bool(context.request.get("resume", False), "resume"):
             self.load_resume_state(context)
         max_steps = parse_int(context.request.get("max_steps", 0) or 0, "max_steps")
         if max_steps > 0:  # every rank stops after this many optimisation steps in total (validated first)
             context.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda e: e.terminate_epoch())
             context.trainer.add_event_handler(
-                Events.EPOCH_COMPLETED, lambda e: e.terminate() if e.state.iteration >= max_steps else None)
+                Events.EPOCH_COMPLETED, lambda e: e.terminate() if e.state.iteration >= max_steps else None
+            )
         if context.local_rank != 0:
             return
         paths: RunPaths = context.request["_paths"]
@@ -416,10 +469,11 @@ def _input_error_in(exc: BaseException) -> InputError | None:
     return None
 
 
-
 def _channel_picker(channel: int) -> Callable[[Any], tuple[list, list]]:
     """Output transform selecting one one-hot channel of pred and label."""
+
     def pick(output: Any) -> tuple[list, list]:
         preds, labels = from_engine(["pred", "label"])(output)
-        return [p[channel:channel + 1] for p in preds], [lab[channel:channel + 1] for lab in labels]
+        return [p[channel : channel + 1] for p in preds], [lab[channel : channel + 1] for lab in labels]
+
     return pick

@@ -28,8 +28,16 @@ from monailabel.tasks.train.basic_train import Context
 
 from ..conf import parse_bool, parse_float, parse_int
 from ..networks import DynUNetSpec, build_dynunet
-from ..planning import (DEFAULT_SETTINGS, Plan, PlannerSettings, PlanningError, fingerprint_from_cases, load_plan,
-                        plan_from_fingerprint, save_plan)
+from ..planning import (
+    DEFAULT_SETTINGS,
+    Plan,
+    PlannerSettings,
+    PlanningError,
+    fingerprint_from_cases,
+    load_plan,
+    plan_from_fingerprint,
+    save_plan,
+)
 from ..recipes import NNUNET as RECIPE
 from ..transforms import load_chain, nnunet_augmentation, nnunet_preprocess
 from .base import SegTrainTask
@@ -55,8 +63,9 @@ class DeepSupervisionLoss(torch.nn.Module):
         return sum(w * self.loss(pred[:, i], target) for i, w in enumerate(self.weights) if w > 0)
 
 
-def planner_settings(base_filters: int | None = None, max_filters: int | None = None,
-                     max_patch_voxels: int | None = None, dims: int = 3) -> PlannerSettings:
+def planner_settings(
+    base_filters: int | None = None, max_filters: int | None = None, max_patch_voxels: int | None = None, dims: int = 3
+) -> PlannerSettings:
     """nnU-Net's planner constants, optionally shrunk (tests, CPU previews)."""
     changes: dict[str, Any] = {}
     if base_filters:
@@ -75,16 +84,32 @@ class NnUNetTrain(SegTrainTask):
 
     search_postprocessing = True
 
-    def __init__(self, *, dims: int, modality_names: Sequence[str], modality_kinds: Sequence[str], gpu_memory_gb: float,
-                 settings: PlannerSettings, iterations_per_epoch: int, dropout: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        dims: int,
+        modality_names: Sequence[str],
+        modality_kinds: Sequence[str],
+        gpu_memory_gb: float,
+        settings: PlannerSettings,
+        iterations_per_epoch: int,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         self.dims = dims
         self.dropout = dropout
         self.modality_names = list(modality_names)
         self.modality_kinds = list(modality_kinds)
         self.gpu_memory_gb = gpu_memory_gb
         self.settings = settings
-        config = {"learning_rate": RECIPE.learning_rate, "grad_clip": RECIPE.grad_clip, "iterations_per_epoch": iterations_per_epoch,
-                  "replan": RECIPE.replan, "train_batch_size": RECIPE.train_batch_size, "pos_fraction": RECIPE.pos_fraction}
+        config = {
+            "learning_rate": RECIPE.learning_rate,
+            "grad_clip": RECIPE.grad_clip,
+            "iterations_per_epoch": iterations_per_epoch,
+            "replan": RECIPE.replan,
+            "train_batch_size": RECIPE.train_batch_size,
+            "pos_fraction": RECIPE.pos_fraction,
+        }
         config.update(kwargs.pop("config", {}) or {})
         super().__init__(spatial_dims=dims, in_channels=len(self.modality_names), config=config, **kwargs)
         self.plan_path = self.paths.plan
@@ -98,7 +123,9 @@ class NnUNetTrain(SegTrainTask):
                 return plan
             logger.info(f"{self.plan_path} does not fit this config (channels/dims); planning again")
         fp = fingerprint_from_cases(datalist, self.modality_kinds)
-        plan = plan_from_fingerprint(fp, self.dims, self.gpu_memory_gb, modality=self.modality_kinds, settings=self.settings)
+        plan = plan_from_fingerprint(
+            fp, self.dims, self.gpu_memory_gb, modality=self.modality_kinds, settings=self.settings
+        )
         save_plan(plan, self.plan_path)
         logger.info(f"nnU-Net plan saved to {self.plan_path}: patch {plan.patch_size}, batch {plan.batch_size}")
         return plan
@@ -115,8 +142,20 @@ class NnUNetTrain(SegTrainTask):
             logger.warning(f"/info: {e}")
             plan = None
         if plan:
-            out["plan"] = {k: getattr(plan, k) for k in ("dims", "target_spacing", "patch_size", "batch_size", "strides",
-                                                   "kernel_sizes", "filters", "normalization", "slice_axis")}
+            out["plan"] = {
+                k: getattr(plan, k)
+                for k in (
+                    "dims",
+                    "target_spacing",
+                    "patch_size",
+                    "batch_size",
+                    "strides",
+                    "kernel_sizes",
+                    "filters",
+                    "normalization",
+                    "slice_axis",
+                )
+            }
         return out
 
     def pre_process(self, request: dict, datastore: Any) -> list[dict]:
@@ -139,10 +178,17 @@ class NnUNetTrain(SegTrainTask):
         """DynUNet spec from the plan (deep supervision on every stage but the two lowest)."""
         plan = self._plan(context)
         strides = [list(s) for s in plan.strides]
-        return DynUNetSpec(spatial_dims=self.dims, in_channels=self.in_channels, out_channels=self.num_classes,
-                           kernels=[list(k) for k in plan.kernel_sizes], strides=strides,
-                           filters=list(plan.filters), deep_supervision=True, deep_supr_num=max(1, len(strides) - 2),
-                           dropout=self.dropout)
+        return DynUNetSpec(
+            spatial_dims=self.dims,
+            in_channels=self.in_channels,
+            out_channels=self.num_classes,
+            kernels=[list(k) for k in plan.kernel_sizes],
+            strides=strides,
+            filters=list(plan.filters),
+            deep_supervision=True,
+            deep_supr_num=max(1, len(strides) - 2),
+            dropout=self.dropout,
+        )
 
     def network_spec(self, context: Context) -> dict[str, Any]:
         return self.spec(context).to_dict()
@@ -159,18 +205,24 @@ class NnUNetTrain(SegTrainTask):
         return torch.optim.SGD(context.network.parameters(), lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
     def lr_scheduler_handler(self, context: Context) -> LrScheduleHandler:
-        sched = torch.optim.lr_scheduler.PolynomialLR(context.optimizer, total_iters=max(context.max_epochs, 1), power=0.9)
+        sched = torch.optim.lr_scheduler.PolynomialLR(
+            context.optimizer, total_iters=max(context.max_epochs, 1), power=0.9
+        )
         context.lr_scheduler = sched  # a resumed run moves it to the saved epoch
         return LrScheduleHandler(sched, print_lr=False, epoch_level=True)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
-        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
+        dice_ce = DiceCELoss(
+            to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True
+        )
         return DeepSupervisionLoss(dice_ce, heads=1 + self.spec(context).deep_supr_num)
 
     def _preprocess(self, context: Context, keys: list[str]) -> list:
         plan = self._plan(context)
-        return [*load_chain(keys, self.in_channels, 3, list(self.labels.values()), None, self.modality_names),
-                *nnunet_preprocess(keys, plan.target_spacing, plan.normalization)]
+        return [
+            *load_chain(keys, self.in_channels, 3, list(self.labels.values()), None, self.modality_names),
+            *nnunet_preprocess(keys, plan.target_spacing, plan.normalization),
+        ]
 
     def train_pre_transforms(self, context: Context) -> list:
         patch = list(self.roi_size(context))
@@ -182,8 +234,17 @@ class NnUNetTrain(SegTrainTask):
         chain = [
             *self._preprocess(context, ["image", "label"]),
             SpatialPadd(keys=["image", "label"], spatial_size=crop),
-            RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=crop, pos=pos, neg=1 - pos,
-                                   num_samples=1, image_key="image", image_threshold=-1e9, allow_smaller=True),
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=crop,
+                pos=pos,
+                neg=1 - pos,
+                num_samples=1,
+                image_key="image",
+                image_threshold=-1e9,
+                allow_smaller=True,
+            ),
         ]
         if axis is not None:
             chain.append(SqueezeDimd(keys=["image", "label"], dim=1 + axis))
@@ -197,7 +258,10 @@ class NnUNetTrain(SegTrainTask):
     # ---- epochs of a fixed number of iterations --------------------------------------------
     def __call__(self, request: dict, datastore: Any) -> dict:
         request = dict(request)
-        if not parse_int(request.get("train_batch_size", self._config.get("train_batch_size", RECIPE.train_batch_size)) or 0, "train_batch_size"):
+        if not parse_int(
+            request.get("train_batch_size", self._config.get("train_batch_size", RECIPE.train_batch_size)) or 0,
+            "train_batch_size",
+        ):
             request["train_batch_size"] = 1  # placeholder; replaced by the plan's batch size in train()
             request["_batch_from_plan"] = True
         return super().__call__(request, datastore)

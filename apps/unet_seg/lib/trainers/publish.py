@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +38,8 @@ from ..modelstore import ModelStore, StoreError
 from ..runtime import AmpPolicy
 from .splits import case_id
 
-if TYPE_CHECKING:
-    from .base import SegTrainTask
+#: the run's trainer, a ``trainers.base.SegTrainTask`` (which builds on this module, so it is not imported here)
+SegTrainTask = Any
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,9 @@ class RunPaths:
 class EngineInferer(Inferer):
     """Validation inferer: the shared sliding-window engine under the request's AMP policy."""
 
-    def __init__(self, roi_size: Sequence[int], amp: AmpPolicy, overlap: float = 0.5, slice_axis: int | None = None) -> None:
+    def __init__(
+        self, roi_size: Sequence[int], amp: AmpPolicy, overlap: float = 0.5, slice_axis: int | None = None
+    ) -> None:
         super().__init__()
         self.roi_size = tuple(roi_size)
         self.amp = amp
@@ -102,9 +104,16 @@ class EngineInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.slice_axis is not None and inputs.shape[0] > 1:  # slice-wise: one volume at a time
-            return torch.cat([self(inputs[i:i + 1], network) for i in range(inputs.shape[0])])
-        return predict_volume(network, inputs, self.roi_size, slice_axis=self.slice_axis, overlap=self.overlap,
-                              amp=self.amp, device=inputs.device)
+            return torch.cat([self(inputs[i : i + 1], network) for i in range(inputs.shape[0])])
+        return predict_volume(
+            network,
+            inputs,
+            self.roi_size,
+            slice_axis=self.slice_axis,
+            overlap=self.overlap,
+            amp=self.amp,
+            device=inputs.device,
+        )
 
 
 def as_float(value: Any) -> float | None:
@@ -140,7 +149,10 @@ class PublishModel:
             self.loss_count += 1
 
     def history_entry(self, per_class: dict[str, float | None], val_mean: float | None) -> dict[str, Any]:
-        """One row of the per-epoch history (loss, validation Dice, learning rate, elapsed time); resets the loss sum."""
+        """One row of the per-epoch history (loss, validation Dice, learning rate, elapsed time).
+
+        Resets the loss sum.
+        """
         ctx = self.context
         entry = {
             "epoch": int(ctx.trainer.state.epoch),
@@ -161,7 +173,9 @@ class PublishModel:
             self.version, self.served_at_once = rec.id, first
         else:
             self.store.update(self.version, state, meta)
-        logger.info(f"{self.task.model_name}: epoch {meta.epoch} written to {self.version} (val mean Dice {meta.val_mean_dice})")
+        logger.info(
+            f"{self.task.model_name}: epoch {meta.epoch} written to {self.version} (val mean Dice {meta.val_mean_dice})"
+        )
 
     def __call__(self, engine: Engine) -> None:
         ctx, task = self.context, self.task
@@ -183,21 +197,27 @@ class PublishModel:
         """MONAI Label's stats file plus this run's history, version and anything given."""
         ctx = self.context
         stats = self.task.stats(self.paths)
-        stats.update({
-            "history": self.history,
-            "model": self.task.model_name,
-            "amp": self.task.amp_policy(ctx).describe(),
-            "world_size": max(ctx.world_size, 1),
-            "train_cases": len(ctx.train_datalist or []),
-            "val_cases": len(ctx.val_datalist or []),
-            "max_epochs": ctx.max_epochs,
-            "version": self.version,
-            **extra,
-        })
+        stats.update(
+            {
+                "history": self.history,
+                "model": self.task.model_name,
+                "amp": self.task.amp_policy(ctx).describe(),
+                "world_size": max(ctx.world_size, 1),
+                "train_cases": len(ctx.train_datalist or []),
+                "val_cases": len(ctx.val_datalist or []),
+                "max_epochs": ctx.max_epochs,
+                "version": self.version,
+                **extra,
+            }
+        )
         if self.version:
             with_meta = self.store.meta(self.version)
-            stats["published"] = {"version": self.version, "epoch": with_meta.epoch, "val_mean_dice": with_meta.val_mean_dice,
-                                  "run_id": with_meta.run_id}
+            stats["published"] = {
+                "version": self.version,
+                "epoch": with_meta.epoch,
+                "val_mean_dice": with_meta.val_mean_dice,
+                "run_id": with_meta.run_id,
+            }
         tmp = f"{self.paths.stats}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=2, default=str)
@@ -205,8 +225,9 @@ class PublishModel:
         return stats
 
 
-def predictions(task: SegTrainTask, context: Context, members: Sequence[tuple[dict, CheckpointMeta]]
-                ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+def predictions(
+    task: SegTrainTask, context: Context, members: Sequence[tuple[dict, CheckpointMeta]]
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
     """Every validation case pre-processed once and predicted by each member: [(preds, reference), ...]."""
     nets = []
     for state, meta in members:
@@ -225,8 +246,9 @@ def predictions(task: SegTrainTask, context: Context, members: Sequence[tuple[di
     return out
 
 
-def served_dice(cases: Sequence[tuple[torch.Tensor, torch.Tensor]], labels: dict[str, int],
-                largest: Sequence[str]) -> dict[str, float]:
+def served_dice(
+    cases: Sequence[tuple[torch.Tensor, torch.Tensor]], labels: dict[str, int], largest: Sequence[str]
+) -> dict[str, float]:
     """Per-class Dice (mean over cases) of predictions as the inferer would serve them (largest components kept)."""
     acc = DiceAccumulator(labels)
     values = [labels[n] for n in largest if n in labels]
@@ -244,7 +266,10 @@ def search_postprocessing(cases: Sequence[tuple[torch.Tensor, torch.Tensor]], la
 
 
 def finish_run(task: SegTrainTask, context: Context, publisher: PublishModel, paths: RunPaths) -> dict[str, Any]:
-    """End of a run (rank 0): post-processing search, the promotion gate, the decision in the stats (module docstring)."""
+    """End of a run (rank 0): post-processing search, the promotion gate, the decision in the stats.
+
+    See the module docstring.
+    """
     store, vid = publisher.store, publisher.version
     if vid is None:
         logger.warning(f"{task.model_name}: the run published no version (no validation epoch finished)")
@@ -260,27 +285,59 @@ def finish_run(task: SegTrainTask, context: Context, publisher: PublishModel, pa
     if task.search_postprocessing and cases:
         meta.postprocessing = search_postprocessing([(p[0], r) for p, r in cases], task.labels)
         decision["postprocessing"] = meta.postprocessing
-        logger.info(f"Postprocessing: largest component kept for {meta.postprocessing['largest_component'] or 'no class'}")
+        logger.info(
+            f"Postprocessing: largest component kept for {meta.postprocessing['largest_component'] or 'no class'}"
+        )
     lcc = (meta.postprocessing or {}).get("largest_component", [])
     if cases:
         per_class = served_dice([(p[0], r) for p, r in cases], task.labels, lcc)
-        meta.validation = Validation(as_float(mean_ignoring_nan(per_class)), {k: as_float(v) for k, v in per_class.items()},
-                                     publisher.val_cases)
+        meta.validation = Validation(
+            as_float(mean_ignoring_nan(per_class)), {k: as_float(v) for k, v in per_class.items()}, publisher.val_cases
+        )
     store.update(vid, state, meta)
-    decision.update(gate(task, store, vid, meta, serving.id if compare and serving else None,
-                         [(p[1], r) for p, r in cases] if compare else [], served_first=publisher.served_at_once, fold=paths.fold))
-    publisher.write_stats(gate=decision.get("gate"), postprocessing=decision.get("postprocessing"),
-                          val_mean_dice=meta.val_mean_dice,
-                          val_dice_per_class=dict(meta.validation.per_class) if meta.validation else {})
+    decision.update(
+        gate(
+            task,
+            store,
+            vid,
+            meta,
+            serving.id if compare and serving else None,
+            [(p[1], r) for p, r in cases] if compare else [],
+            served_first=publisher.served_at_once,
+            fold=paths.fold,
+        )
+    )
+    publisher.write_stats(
+        gate=decision.get("gate"),
+        postprocessing=decision.get("postprocessing"),
+        val_mean_dice=meta.val_mean_dice,
+        val_dice_per_class=dict(meta.validation.per_class) if meta.validation else {},
+    )
     return decision
 
 
-def gate(task: SegTrainTask, store: ModelStore, vid: str, meta: CheckpointMeta, serving_id: str | None,
-         serving_cases: Sequence[tuple[torch.Tensor, torch.Tensor]], served_first: bool, fold: int | None) -> dict[str, Any]:
-    """Serve the run's version or keep it as a candidate; returns ``{"gate": {...}}`` with the figures and the reason."""
+def gate(
+    task: SegTrainTask,
+    store: ModelStore,
+    vid: str,
+    meta: CheckpointMeta,
+    serving_id: str | None,
+    serving_cases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    served_first: bool,
+    fold: int | None,
+) -> dict[str, Any]:
+    """Serve the run's version or keep it as a candidate.
+
+    Returns ``{"gate": {...}}`` with the figures and the reason.
+    """
     mode, margin = task.promotion_mode, task.promotion_margin
-    info: dict[str, Any] = {"mode": mode, "margin": margin, "candidate": vid, "candidate_dice": meta.val_mean_dice,
-                            "val_cases": len(meta.validation.cases) if meta.validation else 0}
+    info: dict[str, Any] = {
+        "mode": mode,
+        "margin": margin,
+        "candidate": vid,
+        "candidate_dice": meta.val_mean_dice,
+        "val_cases": len(meta.validation.cases) if meta.validation else 0,
+    }
     current = store.serving()
     if served_first or (current is not None and current.id == vid):
         info.update(decision="serving", reason="the first model of this store always serves")
@@ -297,20 +354,30 @@ def gate(task: SegTrainTask, store: ModelStore, vid: str, meta: CheckpointMeta, 
     if serving_id is not None and serving_cases:
         serving_meta = store.meta(serving_id)
         lcc = (serving_meta.postprocessing or {}).get("largest_component", [])
-        info.update(serving=serving_id, serving_dice=as_float(mean_ignoring_nan(served_dice(serving_cases, task.labels, lcc))))
+        info.update(
+            serving=serving_id, serving_dice=as_float(mean_ignoring_nan(served_dice(serving_cases, task.labels, lcc)))
+        )
     if mode == "always":
         info.update(decision="serving", reason="promotion=always")
     elif mode == "never":
         info.update(decision="candidate", reason="promotion=never: promote it by hand (REST or main.py models promote)")
     elif info.get("serving_dice") is None or info["candidate_dice"] is None:
-        info.update(decision="candidate", reason="no validation Dice to compare with the serving version; promote it by hand")
+        info.update(
+            decision="candidate", reason="no validation Dice to compare with the serving version; promote it by hand"
+        )
     elif info["candidate_dice"] >= info["serving_dice"] - margin:
-        info.update(decision="serving", reason=f"validation Dice {info['candidate_dice']:.4f} >= serving {serving_id} "
-                                                f"{info['serving_dice']:.4f} - margin {margin}")
+        info.update(
+            decision="serving",
+            reason=f"validation Dice {info['candidate_dice']:.4f} >= serving {serving_id} "
+            f"{info['serving_dice']:.4f} - margin {margin}",
+        )
     else:
-        info.update(decision="candidate", reason=f"validation Dice {info['candidate_dice']:.4f} < serving {serving_id} "
-                                                  f"{info['serving_dice']:.4f} - margin {margin} on the same "
-                                                  f"{info['val_cases']} validation cases")
+        info.update(
+            decision="candidate",
+            reason=f"validation Dice {info['candidate_dice']:.4f} < serving {serving_id} "
+            f"{info['serving_dice']:.4f} - margin {margin} on the same "
+            f"{info['val_cases']} validation cases",
+        )
     try:
         if info["decision"] == "serving":
             store.promote(vid, info["reason"], gate=info)

@@ -30,8 +30,9 @@ def case_id(item: Mapping[str, Any]) -> str:
     return os.path.basename(str(first))
 
 
-def stable_split(datalist: Sequence[dict], path: str, val_split: float, seed: int = 0,
-                 resplit: bool = False) -> tuple[list[dict], list[dict]]:
+def stable_split(
+    datalist: Sequence[dict], path: str, val_split: float, seed: int = 0, resplit: bool = False
+) -> tuple[list[dict], list[dict]]:
     """Train/validation split persisted in ``path`` and kept across retrains.
 
     Validation cases recorded earlier stay in validation while they still have labels; every
@@ -60,7 +61,9 @@ def stable_split(datalist: Sequence[dict], path: str, val_split: float, seed: in
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
 
-def fold_split(datalist: Sequence[dict], path: str, nfolds: int, fold: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def fold_split(
+    datalist: Sequence[dict], path: str, nfolds: int, fold: int, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """K-fold cross-validation split persisted in ``path`` (case -> fold), stable across retrains.
 
     Cases recorded earlier keep their fold; new cases are dealt to the currently smallest folds

@@ -55,17 +55,33 @@ class UNet2DTrain(SegTrainTask):
 
     spec_class = UNet2DSpec
 
-    def __init__(self, *, spec: UNet2DSpec, roi_size: Sequence[int], slice_axis: int, modality_names: Sequence[str],
-                 label_map: Mapping[int, int] | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        spec: UNet2DSpec,
+        roi_size: Sequence[int],
+        slice_axis: int,
+        modality_names: Sequence[str],
+        label_map: Mapping[int, int] | None,
+        **kwargs: Any,
+    ) -> None:
         self.spec = spec
         self._roi = tuple(roi_size)
         self._slice_axis = slice_axis
         self.modality_names = list(modality_names)
         self.label_map = dict(label_map or {})
         r = RECIPE
-        config = {"roi_size": list(roi_size), "num_samples": r.num_samples, "pos_fraction": r.pos_fraction, "optimizer": r.optimizer,
-                  "learning_rate": r.learning_rate, "loss": r.loss, "w0": r.w0, "sigma": r.sigma,
-                  "train_batch_size": r.train_batch_size}
+        config = {
+            "roi_size": list(roi_size),
+            "num_samples": r.num_samples,
+            "pos_fraction": r.pos_fraction,
+            "optimizer": r.optimizer,
+            "learning_rate": r.learning_rate,
+            "loss": r.loss,
+            "w0": r.w0,
+            "sigma": r.sigma,
+            "train_batch_size": r.train_batch_size,
+        }
         config.update(kwargs.pop("config", {}) or {})
         super().__init__(spatial_dims=2, in_channels=spec.in_channels, config=config, **kwargs)
 
@@ -74,7 +90,10 @@ class UNet2DTrain(SegTrainTask):
         roi = parse_size(context.request.get("roi_size", self._roi), 2, "roi_size")
         bad = [s for s in roi if s % self.spec.divisor]
         if bad:
-            raise ConfError(f"roi_size {roi}: every size must be a multiple of {self.spec.divisor} for a {self.spec.depth}-pooling UNet2D")
+            raise ConfError(
+                f"roi_size {roi}: every size must be a multiple of {self.spec.divisor} "
+                f"for a {self.spec.depth}-pooling UNet2D"
+            )
         return roi
 
     def slice_axis(self, context: Context) -> int | None:
@@ -91,8 +110,12 @@ class UNet2DTrain(SegTrainTask):
         return self.spec.to_dict()
 
     def extra_meta(self, context: Context) -> dict[str, Any]:
-        return {"modalities": self.modality_names, "normalisation": "zscore_per_image",
-                "label_map": {str(k): v for k, v in self.label_map.items()}, "loss": self._loss_name(context)}
+        return {
+            "modalities": self.modality_names,
+            "normalisation": "zscore_per_image",
+            "label_map": {str(k): v for k, v in self.label_map.items()},
+            "loss": self._loss_name(context),
+        }
 
     def network(self, context: Context) -> torch.nn.Module:
         return build_unet2d(self.spec)
@@ -117,8 +140,15 @@ class UNet2DTrain(SegTrainTask):
         return engine.loss_function(pred, targets, weight)
 
     def _load_chain(self, keys: list[str]) -> list:
-        return load_chain(keys, self.spec.in_channels, (2, 3), list(self.labels.values()), None, self.modality_names,
-                          label_map=self.label_map)
+        return load_chain(
+            keys,
+            self.spec.in_channels,
+            (2, 3),
+            list(self.labels.values()),
+            None,
+            self.modality_names,
+            label_map=self.label_map,
+        )
 
     def train_pre_transforms(self, context: Context) -> list:
         roi = list(self.roi_size(context))
@@ -127,14 +157,28 @@ class UNet2DTrain(SegTrainTask):
         keys = ["image", "label", "weight"] if weighted else ["image", "label"]
         chain = [*self._load_chain(["image", "label"]), *zscore_image("image")]
         if weighted:  # before the first random step, so a CacheDataset keeps the weights
-            chain.append(BorderWeightd("label", w0=parse_float(context.request.get("w0", RECIPE.w0), "w0"),
-                                       sigma=parse_float(context.request.get("sigma", RECIPE.sigma), "sigma"), axis=self._slice_axis))
+            chain.append(
+                BorderWeightd(
+                    "label",
+                    w0=parse_float(context.request.get("w0", RECIPE.w0), "w0"),
+                    sigma=parse_float(context.request.get("sigma", RECIPE.sigma), "sigma"),
+                    axis=self._slice_axis,
+                )
+            )
         chain += [
             RandSliced(keys=keys, axis=self._slice_axis, pos_fraction=pos),
             SpatialPadd(keys=keys, spatial_size=roi, mode="reflect"),
-            RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=pos, neg=1 - pos,
-                                   num_samples=parse_int(context.request.get("num_samples", RECIPE.num_samples), "num_samples", 1),
-                                   image_key="image", image_threshold=-1e9, allow_smaller=True),
+            RandCropByPosNegLabeld(
+                keys=keys,
+                label_key="label",
+                spatial_size=roi,
+                pos=pos,
+                neg=1 - pos,
+                num_samples=parse_int(context.request.get("num_samples", RECIPE.num_samples), "num_samples", 1),
+                image_key="image",
+                image_threshold=-1e9,
+                allow_smaller=True,
+            ),
             *unet2d_augmentation(roi, keys),
             EnsureTyped(keys="image", dtype=torch.float32),
         ]

@@ -21,7 +21,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import slicer  # noqa: E402
-
 import UNetSegScene  # noqa: E402
 
 
@@ -54,7 +53,9 @@ def main() -> None:
     seg = segmentation.GetSegmentation()
     ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
     plain = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    logic.ExportSegmentsToLabelmapNode(segmentation, ids, plain, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    logic.ExportSegmentsToLabelmapNode(
+        segmentation, ids, plain, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
     UNetSegScene.write_volume(scene, plain, os.path.join(args.outdir, "positional.nii.gz"))
 
     if args.delete:
