@@ -14,6 +14,7 @@ from conftest import APP_DIR, ROOT
 from lib.recipes import (
     CONF,
     FIXED,
+    LIFECYCLE,
     RECIPES,
     REQUEST,
     NnUNetRecipe,
@@ -121,6 +122,12 @@ def test_readme_documents_every_recipe_conf_default(tables: dict[str, dict[str, 
     assert not missing, f"README.md does not document {config}'s conf key(s) {missing}"
     wrong = {key: (documented[key], value) for key, value in pairs if not same_default(documented[key], value)}
     assert not wrong, f"README.md and lib/recipes.py disagree on {config} defaults (README, recipe): {wrong}"
+
+
+def test_readme_documents_the_model_store_defaults(tables: dict[str, dict[str, str]]) -> None:
+    documented = tables[GENERAL]
+    for key, value in readme_defaults(LIFECYCLE):
+        assert key in documented and same_default(documented[key], value), (key, documented.get(key), value)
 
 
 def test_readme_nnunet_schedules_match_the_recipe(tables: dict[str, dict[str, str]]) -> None:

@@ -137,7 +137,8 @@ def test_full_queue_answers_503_with_retry_after(shared: Server) -> None:
 def test_queued_request_of_a_gone_client_is_dropped(shared: Server) -> None:
     before = queue_state(shared)
     keep: list = []
-    long = fire(shared, 1, {"tta": True}, keep)
+    # a job that outlasts the quitters' 0.5 s by far (small windows, high overlap), so none of them reaches a worker
+    long = fire(shared, 1, {"tta": True, "roi_size": [16, 16, 16], "overlap": 0.75}, keep)
     wait_for(lambda: queue_state(shared)["running"] == 1, "the first inference to run")
     gone: list = []
     quitters = fire(shared, 3, {"tta": True}, gone, timeout=0.5)  # these clients give up while queued

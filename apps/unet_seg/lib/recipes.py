@@ -172,6 +172,20 @@ class NnUNetRecipe:
 
 Recipe = UNet3DRecipe | UNet2DRecipe | NnUNetRecipe
 
+
+@dataclass(frozen=True)
+class LifecycleRecipe:
+    """Model store and promotion defaults, the same for every model (``lib.configs.lifecycle``)."""
+
+    keep_versions: int = _conf(5)
+    """Versions kept per model besides the serving one, pinned ones and each fold's newest."""
+    promotion: str = _conf("gate")
+    """What a finished training does with its version: gate, always or never."""
+    promotion_margin: float = _conf(0.01)
+    """How much lower than the serving version's validation Dice a candidate may be and still serve."""
+
+
+LIFECYCLE = LifecycleRecipe()
 UNET3D = UNet3DRecipe()
 UNET2D = UNet2DRecipe()
 NNUNET = NnUNetRecipe()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 import os
 from typing import Any
 
@@ -13,6 +14,9 @@ from monailabel.interfaces.config import TaskConfig
 from ..checkpoints import CheckpointMeta, MetaError
 from ..conf import AppConf, ConfError
 from ..modelstore import ModelStore
+from ..recipes import LIFECYCLE
+
+logger = logging.getLogger(__name__)
 
 # Config names the app knows, in the order /info lists them. A name maps to lib/configs/<name>.py.
 CONFIG_NAMES: tuple[str, ...] = ("unet2d", "unet3d", "nnunet", "nnunet2d")
@@ -38,7 +42,7 @@ def lifecycle(
     (gate / always / never; default gate) and ``promotion_margin`` (0.01).
     """
     c = AppConf(conf)
-    store = ModelStore(model_dir, name, keep=c.int("keep_versions", 5, model=name, minimum=1))
+    store = ModelStore(model_dir, name, keep=c.int("keep_versions", LIFECYCLE.keep_versions, model=name, minimum=1))
     store.import_legacy()
     if pretrained and os.path.exists(pretrained) and store.serving() is None:
         try:
@@ -46,8 +50,8 @@ def lifecycle(
         except (MetaError, OSError, RuntimeError) as e:
             raise ConfError(f"{name}.pretrained {os.path.basename(pretrained)}: {e}") from e
     promotion = {
-        "promotion": c.str("promotion", "gate", model=name).lower(),
-        "promotion_margin": c.float("promotion_margin", 0.01, model=name),
+        "promotion": c.str("promotion", LIFECYCLE.promotion, model=name).lower(),
+        "promotion_margin": c.float("promotion_margin", LIFECYCLE.promotion_margin, model=name),
     }
     return store, promotion
 
@@ -59,3 +63,31 @@ def conf_from_meta(name: str, meta: CheckpointMeta) -> dict[str, str]:
     if own is not None:
         conf.update(own(meta))
     return conf
+
+
+class SegConfig(TaskConfig):
+    """What every model's config reads the same way: pretrained file, tracking, cache budget, store, promotion."""
+
+    #: spatial dimensions of the network (2D models also take volumes, slice by slice)
+    dims = 3
+
+    def init_shared(self, conf: dict[str, str], name: str, model_dir: str, recipe: Any) -> None:
+        """Read the shared keys (defaults from the model's recipe) and open the model's store."""
+        c = AppConf(conf)
+        pretrained = c.get("pretrained", None, model=name)
+        self.pretrained = os.path.abspath(pretrained) if pretrained else None
+        if self.pretrained and not os.path.exists(self.pretrained):
+            logger.warning(
+                f"{name}.pretrained {self.pretrained} does not exist; the model stays not ready until trained"
+            )
+        self.tracking = c.str("tracking", recipe.tracking, model=name)
+        self.cache_mb = c.int("cache_mb", recipe.cache_mb, model=name, minimum=0)
+        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
+
+    def _common(self) -> dict[str, Any]:
+        """Constructor arguments the model's inferer and trainer share."""
+        return {"model_name": self.name, "store": self.store, "labels": self.labels, "modality_names": self.modalities}
+
+    def _train_common(self) -> dict[str, Any]:
+        """Constructor arguments every trainer takes."""
+        return {"tracking": self.tracking, "cache_mb": self.cache_mb, **self.promotion}

@@ -16,19 +16,16 @@ Conf keys (plain or prefixed ``nnunet.``):
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-from monailabel.interfaces.config import TaskConfig
 
 from ..conf import AppConf, ConfError, parse_modalities
 from ..infers.nnunet import NnUNetInfer
 from ..recipes import NNUNET, NnUNetRecipe
 from ..trainers.nnunet import NnUNetTrain, planner_settings
-from . import lifecycle
+from . import SegConfig
 
 
-class NnUNet(TaskConfig):
+class NnUNet(SegConfig):
     """TaskConfig registering the nnU-Net inferer and trainer (3D; the 2D config subclasses it)."""
 
     recipe: NnUNetRecipe = NNUNET
@@ -62,20 +59,10 @@ class NnUNet(TaskConfig):
             max_patch_voxels=c.int("max_patch_voxels", r.max_patch_voxels, model=name) or None,
             dims=self.dims,
         )
-        pretrained = c.get("pretrained", None, model=name)
-        self.pretrained = os.path.abspath(pretrained) if pretrained else None
-        self.tracking = c.str("tracking", r.tracking, model=name)
-        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
-        self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
+        self.init_shared(conf, name, model_dir, r)
 
     def _common(self) -> dict[str, Any]:
-        return {
-            "model_name": self.name,
-            "store": self.store,
-            "labels": self.labels,
-            "modality_names": self.modalities,
-            "dims": self.dims,
-        }
+        return {**super()._common(), "dims": self.dims}
 
     def infer(self) -> NnUNetInfer:
         return NnUNetInfer(
@@ -92,9 +79,7 @@ class NnUNet(TaskConfig):
             settings=self.settings,
             iterations_per_epoch=self.iterations,
             dropout=self.dropout,
-            tracking=self.tracking,
-            cache_mb=self.cache_mb,
-            **self.promotion,
+            **self._train_common(),
             description=f"Train nnU-Net {self.dims}D from a plan of the labelled studies",
             config={"max_epochs": self.max_epochs},
             **self._common(),

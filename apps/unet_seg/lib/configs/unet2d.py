@@ -20,10 +20,7 @@ masks (membrane = 0). Conf keys (plain or prefixed ``unet2d.``):
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-from monailabel.interfaces.config import TaskConfig
 
 from ..checkpoints import CheckpointMeta
 from ..conf import AppConf, ConfError, parse_label_map, parse_modalities
@@ -31,10 +28,10 @@ from ..infers.unet2d import UNet2DInfer
 from ..networks import UNET2D_PRESETS, UNet2DSpec, preset_name
 from ..recipes import UNET2D
 from ..trainers.unet2d import UNet2DTrain
-from . import lifecycle
+from . import SegConfig
 
 
-class UNet2D(TaskConfig):
+class UNet2D(SegConfig):
     """TaskConfig registering the UNet2D inferer and trainer (defaults: ``lib.recipes.UNet2DRecipe``)."""
 
     recipe = UNET2D
@@ -73,10 +70,7 @@ class UNet2D(TaskConfig):
         self.slice_axis = c.int("slice_axis", r.slice_axis, model=name, minimum=0)
         if self.slice_axis > 2:
             raise ConfError(f"{name}.slice_axis must be 0, 1 or 2, got {self.slice_axis}")
-        pretrained = c.get("pretrained", None, model=name)
-        self.pretrained = os.path.abspath(pretrained) if pretrained else None
-        self.tracking = c.str("tracking", r.tracking, model=name)
-        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
+        self.init_shared(conf, name, model_dir, r)
         self.train_defaults = {
             "max_epochs": c.int("max_epochs", r.max_epochs, model=name, minimum=1),
             "learning_rate": c.float("learning_rate", r.learning_rate, model=name),  # 0: the optimizer's own
@@ -84,10 +78,6 @@ class UNet2D(TaskConfig):
             "optimizer": c.str("optimizer", r.optimizer, model=name),
             "loss": c.str("loss", r.loss, model=name),
         }
-        self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
-
-    def _common(self) -> dict[str, Any]:
-        return {"model_name": self.name, "store": self.store, "labels": self.labels, "modality_names": self.modalities}
 
     def infer(self) -> UNet2DInfer:
         return UNet2DInfer(
@@ -104,9 +94,7 @@ class UNet2D(TaskConfig):
             roi_size=self.roi_size,
             slice_axis=self.slice_axis,
             label_map=self.label_map,
-            tracking=self.tracking,
-            cache_mb=self.cache_mb,
-            **self.promotion,
+            **self._train_common(),
             description=f"Train 2D U-Net (preset {self.preset})",
             config=self.train_defaults,
             **self._common(),

@@ -16,10 +16,7 @@ Conf keys (plain or prefixed ``unet3d.``):
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
-
-from monailabel.interfaces.config import TaskConfig
 
 from ..checkpoints import CheckpointMeta
 from ..conf import AppConf, parse_modalities
@@ -27,12 +24,12 @@ from ..infers.unet3d import UNet3DInfer
 from ..networks import UNET3D_PRESETS, UNet3DSpec, preset_name
 from ..recipes import UNET3D
 from ..trainers.unet3d import UNet3DTrain
-from . import lifecycle
+from . import SegConfig
 
 logger = logging.getLogger(__name__)
 
 
-class UNet3D(TaskConfig):
+class UNet3D(SegConfig):
     """TaskConfig registering the UNet3D inferer and trainer (defaults: ``lib.recipes.UNet3DRecipe``)."""
 
     recipe = UNET3D
@@ -58,29 +55,15 @@ class UNet3D(TaskConfig):
             )
         orientation = c.str("orientation", r.orientation, model=name)
         self.orientation = None if orientation.lower() in ("none", "") else orientation
-        pretrained = c.get("pretrained", None, model=name)
-        self.pretrained = os.path.abspath(pretrained) if pretrained else None
-        if self.pretrained and not os.path.exists(self.pretrained):
-            logger.warning(
-                f"{name}.pretrained {self.pretrained} does not exist; the model stays not ready until trained"
-            )
-        self.tracking = c.str("tracking", r.tracking, model=name)
-        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
+        self.init_shared(conf, name, model_dir, r)
         self.train_defaults = {
             "max_epochs": c.int("max_epochs", r.max_epochs, model=name, minimum=1),
             "learning_rate": c.float("learning_rate", r.learning_rate, model=name),
             "train_batch_size": c.int("train_batch_size", r.train_batch_size, model=name, minimum=1),
         }
-        self.cache_mb = c.int("cache_mb", r.cache_mb, model=name, minimum=0)
 
     def _common(self) -> dict[str, Any]:
-        return {
-            "model_name": self.name,
-            "store": self.store,
-            "labels": self.labels,
-            "modality_names": self.modalities,
-            "orientation": self.orientation,
-        }
+        return {**super()._common(), "orientation": self.orientation}
 
     def infer(self) -> UNet3DInfer:
         return UNet3DInfer(
@@ -94,9 +77,7 @@ class UNet3D(TaskConfig):
         return UNet3DTrain(
             spec=self.spec,
             roi_size=self.roi_size,
-            tracking=self.tracking,
-            cache_mb=self.cache_mb,
-            **self.promotion,
+            **self._train_common(),
             description=f"Train 3D U-Net (preset {self.preset})",
             config=self.train_defaults,
             **self._common(),

@@ -71,8 +71,8 @@ class SegTrainTask(BasicTrainTask):
         tracking: str = "mlflow",
         config: Mapping[str, Any] | None = None,
         cache_mb: int = 2048,
-        promotion: str = "gate",
-        promotion_margin: float = 0.01,
+        promotion: str,
+        promotion_margin: float,
     ) -> None:
         self.model_name = model_name
         self.store = store
