@@ -1,0 +1,130 @@
+"""A real PACS: Orthanc (Debian packages) started by scripts/orthanc.sh on 127.0.0.1; sample volumes stored as MR
+series through STOW-RS and read back through QIDO-RS / WADO-RS with exact geometry and voxels.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, free_port
+from lib.dicomseries import retrieve_series, series_to_volume, store, volume_to_series
+from lib.validation import InputError
+
+SAMPLES = sorted((ROOT / "sample" / "studies").glob("*.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "orthanc.sh"), "start", str(folder), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield f"http://127.0.0.1:{port}/dicom-web"
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "orthanc.sh"), "stop", str(folder)], timeout=60)
+    assert not (folder / "orthanc.pid").exists()
+
+
+@pytest.fixture(scope="module")
+def loaded(pacs: str) -> list[dict]:
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "load_pacs.py"),
+            "--url",
+            pacs,
+            "--images",
+            str(ROOT / "sample" / "studies"),
+            "--modality",
+            "MR",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_orthanc_listens_on_loopback_only_with_its_own_storage(
+    pacs: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = json.loads(next(tmp_path_factory.getbasetemp().glob("orthanc*/orthanc.json")).read_text())
+    assert config["HttpBindAddress"] == "127.0.0.1" and config["RemoteAccessAllowed"] is False
+    assert config["DicomServerEnabled"] is False and Path(config["StorageDirectory"]).is_dir()
+
+
+def test_sample_volumes_round_trip_through_the_pacs(pacs: str, loaded: list[dict]) -> None:
+    assert [d["file"] for d in loaded] == [p.name for p in SAMPLES]
+    studies = requests.get(f"{pacs}/studies", params={"ModalitiesInStudy": "MR"}, timeout=30).json()
+    assert len(studies) == len(SAMPLES)
+    for entry, path in zip(loaded, SAMPLES, strict=True):
+        img = nib.load(path)
+        volume, affine = series_to_volume(retrieve_series(pacs, entry["study"], entry["series"]))
+        assert volume.shape == img.shape and entry["slices"] == img.shape[2]
+        assert np.abs(affine - img.affine).max() < 1e-4, (affine, img.affine)  # position, orientation, spacing
+        data = np.asanyarray(img.dataobj).astype(np.float64)  # float32 MRI: stored as 16 bits with a rescale slope
+        assert np.abs(volume - data).max() <= (data.max() - data.min()) / 65535 / 2 + 1e-3
+
+
+def test_oblique_anisotropic_float_volume_keeps_its_geometry(pacs: str) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 30, size=(12, 9, 7)).astype(np.float32)
+    rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    rot *= np.sign(np.linalg.det(rot))
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.7, 1.3, 2.5])
+    affine[:3, 3] = [-12.5, 40.25, 7.125]
+    series = volume_to_series(data, affine, modality="CT", patient_id="oblique")
+    store(pacs, series)
+    volume, back = series_to_volume(retrieve_series(pacs, series[0].StudyInstanceUID, series[0].SeriesInstanceUID))
+    assert np.abs(back - affine).max() < 1e-4
+    assert np.abs(volume - data).max() <= (data.max() - data.min()) / 65535 + 1e-3  # rescaled to 16 bits
+
+
+@pytest.mark.parametrize(
+    "defect, words",
+    [
+        ("one_slice", "1 slice(s)"),
+        ("missing_slice", "unevenly spaced"),
+        ("mixed_orientation", "mixes 2 slice orientations"),
+        ("duplicate", "same position"),
+    ],
+)
+def test_series_that_are_not_volumes_are_refused(defect: str, words: str) -> None:
+    img = nib.load(SAMPLES[0])
+    series = volume_to_series(np.asanyarray(img.dataobj), img.affine)
+    if defect == "one_slice":
+        series = series[:1]
+    elif defect == "missing_slice":
+        del series[5]
+    elif defect == "mixed_orientation":
+        series[3].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    else:
+        series[4].ImagePositionPatient = series[5].ImagePositionPatient
+    with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        series_to_volume(series)
+
+
+def test_sheared_or_nan_volumes_cannot_become_series() -> None:
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.5
+    with pytest.raises(InputError, match="sheared"):
+        volume_to_series(np.zeros((4, 4, 4)), sheared)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        volume_to_series(np.full((4, 4, 4), np.nan), np.eye(4))
