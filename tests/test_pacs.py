@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, free_port
+from conftest import ROOT, Server, free_port, running_server
 from lib.dicomseries import retrieve_series, series_to_volume, store, volume_to_series
 from lib.validation import InputError
 
@@ -128,3 +129,77 @@ def test_sheared_or_nan_volumes_cannot_become_series() -> None:
         volume_to_series(np.zeros((4, 4, 4)), sheared)
     with pytest.raises(InputError, match="NaN or Inf"):
         volume_to_series(np.full((4, 4, 4), np.nan), np.eye(4))
+
+
+# ---- the server on the PACS ------------------------------------------------------------------------
+
+OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@pytest.fixture(scope="module")
+def pacs_server(pacs: str, loaded: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("pacs_server")
+    conf = {
+        "models": "unet3d",
+        "preset": "small",
+        "roi_size": "40,56,40",
+        "tracking": "none",
+        "auto_retrain_after": "0",
+        "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
+        "model_dir": str(base / "model"),
+    }
+    t = time.perf_counter()
+    with running_server(pacs, conf, base / "server.log", env=OFFLINE) as srv:  # any download attempt would fail
+        print(f"server on DICOMweb ready in {time.perf_counter() - t:.1f} s")
+        yield srv
+
+
+def pacs_url(server: Server) -> str:
+    return str(server.studies)
+
+
+def test_server_starts_offline_and_lists_the_mr_series(pacs_server: Server, loaded: list[dict]) -> None:
+    stats = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60).json()
+    served = requests.get(f"{pacs_url(pacs_server)}/series", params={"Modality": "MR,CT"}, timeout=30).json()
+    mr = [s for s in served if s["00080060"]["Value"][0] == "MR"]
+    assert len(mr) == len(loaded) and stats["total"] == len(served)  # MONAI Label's default filter shows CT only
+    assert "dcmqi" not in pacs_server.log.read_text().lower()
+
+
+def test_infer_on_a_series_equals_infer_on_its_nifti_conversion(
+    pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path
+) -> None:
+    entry = loaded[4]
+    t = time.perf_counter()
+    r = requests.post(
+        f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"], "output": "image"}, timeout=300
+    )
+    print(f"/infer on a DICOM series: {time.perf_counter() - t:.2f} s")
+    assert r.status_code == 200, r.text[:500]
+    (tmp_path / "series_label.nii.gz").write_bytes(r.content)
+    label = nib.load(tmp_path / "series_label.nii.gz")
+    volume, affine = series_to_volume(retrieve_series(pacs, entry["study"], entry["series"]))
+    assert label.shape == volume.shape and np.abs(label.affine - affine).max() < 1e-4  # the series' geometry
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "converted.nii.gz")
+    with open(tmp_path / "converted.nii.gz", "rb") as f:
+        r2 = requests.post(
+            f"{pacs_server.url}/infer/unet3d",
+            params={"output": "image"},
+            files={"file": ("converted.nii.gz", f)},
+            timeout=300,
+        )
+    assert r2.status_code == 200, r2.text[:500]
+    (tmp_path / "nifti_label.nii.gz").write_bytes(r2.content)
+    same = np.asanyarray(nib.load(tmp_path / "nifti_label.nii.gz").dataobj)
+    assert np.array_equal(np.asanyarray(label.dataobj), same) and set(np.unique(same)) <= {0, 1, 2}
+
+
+def test_unknown_series_and_bad_modality_conf(pacs_server: Server) -> None:
+    from lib.conf import AppConf, ConfError
+    from lib.dicomweb import modalities_from_conf
+
+    r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": "1.2.3.4.5"}, timeout=60)
+    assert r.status_code == 404 and "not found" in r.text
+    assert modalities_from_conf(AppConf({})) == "MR,CT"
+    with pytest.raises(ConfError, match="dicomweb_modalities"):
+        modalities_from_conf(AppConf({"dicomweb_modalities": "MR,XYZ"}))

@@ -36,6 +36,7 @@ from lib.activelearning import scoring_methods, strategies
 from lib.conf import AppConf, ConfError, parse_names
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.datastore import UploadRules, ValidatingDatastore
+from lib.dicomweb import dicomweb_datastore
 from lib.infers.base import ModelNotReady
 from lib.modelstore import ModelStore
 from lib.serving.limits import BodyGuard, Limits
@@ -101,7 +102,9 @@ class UNetSegApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+                return super().init_datastore()
+            return dicomweb_datastore(self.studies, self.app_conf)  # offline, the models' modalities
         datastore = ValidatingDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -110,6 +113,9 @@ class UNetSegApp(MONAILabelApp):
         )
         datastore.configure(self.upload_rules())
         return datastore
+
+    def _download_dcmqi_tools(self) -> None:
+        """MONAI Label downloads dcmqi here; unet_seg never needs it (nothing is downloaded at start-up)."""
 
     def upload_rules(self) -> UploadRules:
         """What uploads must be to serve at least one model: channels and dims, label values; limits."""

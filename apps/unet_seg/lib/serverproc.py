@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -32,7 +33,7 @@ class LabelServer:
 
     def __init__(
         self,
-        studies: Path,
+        studies: Path | str,
         conf: Mapping[str, str],
         log: Path,
         cwd: Path | None = None,
@@ -40,7 +41,7 @@ class LabelServer:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.studies = Path(studies)
+        self.studies: Any = studies if "://" in str(studies) else Path(studies)  # a folder or a DICOMweb URL
         self.log = Path(log)
         cmd = [
             sys.executable,
@@ -105,7 +106,7 @@ class LabelServer:
 
 @contextlib.contextmanager
 def running_server(
-    studies: Path, conf: Mapping[str, str], log: Path, env: Mapping[str, str] | None = None
+    studies: Path | str, conf: Mapping[str, str], log: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[LabelServer]:
     """Start a real server (``env`` added to its environment), wait until /info answers, stop it afterwards."""
     srv = LabelServer(studies, conf, log, env=env)
