@@ -45,7 +45,7 @@ def main() -> None:
             img.affine,
             modality=args.modality,
             patient_id=name,
-            patient_name=name,
+            patient_name=f"{name}^",
             series_description="unet_seg sample",
         )
         store(args.url, series, **auth)

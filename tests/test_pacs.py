@@ -203,3 +203,54 @@ def test_unknown_series_and_bad_modality_conf(pacs_server: Server) -> None:
     assert modalities_from_conf(AppConf({})) == "MR,CT"
     with pytest.raises(ConfError, match="dicomweb_modalities"):
         modalities_from_conf(AppConf({"dicomweb_modalities": "MR,XYZ"}))
+
+
+# ---- DICOM SEG ---------------------------------------------------------------------------------------
+
+
+def test_label_as_dicom_seg_round_trips_through_the_pacs(pacs: str, loaded: list[dict]) -> None:
+    """A label becomes a SEG (segments named and coloured, referencing the series), is stored by STOW-RS in the
+    series' study, and reads back voxel-identical."""
+    import pydicom
+
+    from lib.dicomseg import label_to_seg, seg_to_label
+
+    labels = {"anterior": 1, "posterior": 2}
+    entry = loaded[0]
+    source = retrieve_series(pacs, entry["study"], entry["series"])
+    label = np.asanyarray(nib.load(ROOT / "sample" / "studies" / "labels" / "final" / entry["file"]).dataobj).astype(
+        np.uint8
+    )
+    t = time.perf_counter()
+    seg = label_to_seg(label, source, labels)
+    store(pacs, [seg])
+    t_write = time.perf_counter() - t
+    found = requests.get(f"{pacs}/studies/{entry['study']}/series", params={"Modality": "SEG"}, timeout=30).json()
+    assert [s["0020000E"]["Value"][0] for s in found] == [seg.SeriesInstanceUID]
+    t = time.perf_counter()
+    (back_ds,) = retrieve_series(pacs, entry["study"], seg.SeriesInstanceUID)
+    back = seg_to_label(back_ds, source, labels)
+    print(f"SEG write+STOW {t_write:.2f} s, WADO+read {time.perf_counter() - t:.2f} s")
+    assert np.array_equal(back, label)
+    names = {d.SegmentLabel: list(d.RecommendedDisplayCIELabValue) for d in back_ds.SegmentSequence}
+    assert set(names) == {"anterior", "posterior"} and names["anterior"] != names["posterior"]
+    referenced = {i.ReferencedSOPInstanceUID for i in back_ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in source}
+    assert isinstance(back_ds, pydicom.Dataset) and back_ds.Modality == "SEG"
+
+
+def test_bad_labels_do_not_become_segs(pacs: str, loaded: list[dict]) -> None:
+    from lib.dicomseg import label_to_seg, seg_to_label
+
+    entry = loaded[1]
+    source = retrieve_series(pacs, entry["study"], entry["series"])
+    shape = (int(source[0].Columns), int(source[0].Rows), len(source))
+    with pytest.raises(InputError, match="does not match the series"):
+        label_to_seg(np.zeros((3, 3, 3), np.uint8), source, {"a": 1})
+    with pytest.raises(InputError, match=r"values \[7\]"):
+        label_to_seg(np.full(shape, 7, np.uint8), source, {"a": 1})
+    with pytest.raises(InputError, match="empty"):
+        label_to_seg(np.zeros(shape, np.uint8), source, {"a": 1})
+    seg = label_to_seg(np.ones(shape, np.uint8), source, {"liver": 1})
+    with pytest.raises(InputError, match="liver"):
+        seg_to_label(seg, source, {"anterior": 1})

@@ -42,7 +42,7 @@ def volume_to_series(
     *,
     modality: str = "MR",
     patient_id: str = "anon",
-    patient_name: str = "anon",
+    patient_name: str = "anon^",
     study_uid: str | None = None,
     series_description: str = "",
     series_number: int = 1,
@@ -72,6 +72,7 @@ def volume_to_series(
         ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASSES[modality], ds.file_meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.Modality, ds.PatientID, ds.PatientName = modality, patient_id, patient_name
+        ds.PatientBirthDate, ds.PatientSex = "", ""  # type 2: present, may be empty
         ds.StudyDate = ds.SeriesDate = now.strftime("%Y%m%d")
         ds.StudyTime = ds.SeriesTime = now.strftime("%H%M%S")
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
@@ -101,7 +102,7 @@ def series_to_volume(instances: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarr
     iop = np.array([float(x) for x in instances[0].ImageOrientationPatient])
     u, v = iop[:3], iop[3:]
     w = np.cross(u, v)
-    ordered = sorted(instances, key=lambda ds: float(np.dot([float(x) for x in ds.ImagePositionPatient], w)))
+    ordered = ordered_instances(instances)
     positions = np.array([[float(x) for x in ds.ImagePositionPatient] for ds in ordered])
     steps = np.diff(positions @ w)
     if np.any(steps <= 1e-6):
@@ -121,6 +122,13 @@ def series_to_volume(instances: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarr
     lps[:3, 2] = w * float(np.median(steps))
     lps[:3, 3] = positions[0]
     return volume, LPS @ lps
+
+
+def ordered_instances(instances: Sequence[Dataset]) -> list[Dataset]:
+    """The instances in volume order: along the slice normal (the third voxel axis)."""
+    iop = np.array([float(x) for x in instances[0].ImageOrientationPatient])
+    w = np.cross(iop[:3], iop[3:])
+    return sorted(instances, key=lambda ds: float(np.dot([float(x) for x in ds.ImagePositionPatient], w)))
 
 
 def _frame(ds: Dataset) -> np.ndarray:
