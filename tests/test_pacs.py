@@ -254,3 +254,50 @@ def test_bad_labels_do_not_become_segs(pacs: str, loaded: list[dict]) -> None:
     seg = label_to_seg(np.ones(shape, np.uint8), source, {"liver": 1})
     with pytest.raises(InputError, match="liver"):
         seg_to_label(seg, source, {"anterior": 1})
+
+
+def test_submitted_label_is_stored_in_the_pacs_as_seg(
+    pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path
+) -> None:
+    from lib.dicomseg import seg_to_label
+
+    entry = loaded[2]
+    r = requests.post(
+        f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"], "output": "image"}, timeout=300
+    )
+    assert r.status_code == 200, r.text[:300]
+    (tmp_path / "label.nii.gz").write_bytes(r.content)  # the clinician's corrected label, in the series' geometry
+    label = np.asanyarray(nib.load(tmp_path / "label.nii.gz").dataobj)
+    t = time.perf_counter()
+    with open(tmp_path / "label.nii.gz", "rb") as f:
+        put = requests.put(
+            f"{pacs_server.url}/datastore/label",
+            params={"image": entry["series"], "tag": "final"},
+            files={"label": ("label.nii.gz", f)},
+            timeout=120,
+        )
+    print(f"submit as SEG: {time.perf_counter() - t:.2f} s")
+    assert put.status_code == 200, put.text[:500]
+    segs = requests.get(f"{pacs}/studies/{entry['study']}/series", params={"Modality": "SEG"}, timeout=30).json()
+    seg_uids = [s["0020000E"]["Value"][0] for s in segs]
+    assert seg_uids, "no SEG stored in the study"
+    source = retrieve_series(pacs, entry["study"], entry["series"])
+    (seg,) = retrieve_series(pacs, entry["study"], seg_uids[-1])
+    assert np.array_equal(seg_to_label(seg, source, {"anterior": 1, "posterior": 2}), label)
+    stats = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60).json()
+    assert stats["completed"] >= 1  # listed as a labelled study
+    # a label of other values is refused and nothing more is stored
+    bad = nib.load(tmp_path / "label.nii.gz")
+    nib.save(
+        nib.Nifti1Image((np.asanyarray(bad.dataobj) > 0).astype(np.uint8) * 7, bad.affine), tmp_path / "bad.nii.gz"
+    )
+    with open(tmp_path / "bad.nii.gz", "rb") as f:
+        r = requests.put(
+            f"{pacs_server.url}/datastore/label",
+            params={"image": entry["series"], "tag": "final"},
+            files={"label": ("bad.nii.gz", f)},
+            timeout=120,
+        )
+    assert r.status_code == 422 and "7" in r.text, r.text[:300]
+    after = requests.get(f"{pacs}/studies/{entry['study']}/series", params={"Modality": "SEG"}, timeout=30).json()
+    assert len(after) == len(segs)

@@ -104,7 +104,10 @@ class UNetSegApp(MONAILabelApp):
         if self.studies.startswith(("http://", "https://")):
             if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
                 return super().init_datastore()
-            return dicomweb_datastore(self.studies, self.app_conf)  # offline, the models' modalities
+            names: dict[str, int] = {}  # label name per value (the first model naming a value wins)
+            for cfg in self.models.values():
+                names.update({n: v for n, v in cfg.labels.items() if v not in names.values()})
+            return dicomweb_datastore(self.studies, self.app_conf, names, self.limits.label_tolerance_mm)
         datastore = ValidatingDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,

@@ -11,13 +11,23 @@ without any download, lists the series of the modalities in ``--conf dicomweb_mo
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+import pydicom
 from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
 
 from .conf import AppConf, ConfError
+from .dicomseg import label_to_seg
+from .dicomseries import series_to_volume
+from .validation import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +45,49 @@ def modalities_from_conf(conf: AppConf) -> str:
     return ",".join(codes)
 
 
-def dicomweb_datastore(url: str, conf: AppConf) -> Any:
+class SegDICOMWebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore whose final labels go to the PACS as DICOM SEG written by highdicom."""
+
+    def __init__(self, *args: Any, labels: Mapping[str, int], tolerance_mm: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seg_labels = dict(labels)
+        self.tolerance_mm = tolerance_mm
+
+    def _series(self, image_id: str) -> list[Any]:
+        """The cached instances of a series (downloaded with the image)."""
+        self.get_image_uri(image_id)
+        folder = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+        files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if not f.endswith((".nii", ".nii.gz"))]
+        return [pydicom.dcmread(f) for f in files]
+
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        """A final label is checked against the series' geometry, stored in the PACS as a SEG, then cached locally."""
+        if label_tag != DefaultLabelTag.FINAL.value:
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        source = self._series(image_id)
+        _, affine = series_to_volume(source)
+        img = nib.load(label_filename)
+        offset = float(np.abs(np.asarray(img.affine) - affine).max())
+        if offset > self.tolerance_mm:
+            raise InputError(
+                f"label: its grid lies {offset:.3g} mm from series {image_id}'s (tolerance {self.tolerance_mm} mm)"
+            )
+        seg = label_to_seg(np.rint(np.asanyarray(img.dataobj)).astype(np.int64), source, self.seg_labels)
+        self._client.store_instances([seg])
+        logger.info(f"stored SEG {seg.SeriesInstanceUID} for series {image_id} in the PACS")
+        label_info = {
+            **label_info,
+            "SeriesInstanceUID": seg.SeriesInstanceUID,
+            "Modality": "SEG",
+            "StudyInstanceUID": seg.StudyInstanceUID,
+        }
+        type(self).get_labeled_images.cache_clear()  # MONAI Label caches the listing for hours
+        return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+
+
+def dicomweb_datastore(url: str, conf: AppConf, labels: Mapping[str, int], tolerance_mm: float) -> Any:
     """MONAI Label's DICOMweb datastore on ``url``, built offline with this app's search filter."""
     session = None
     if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
@@ -52,8 +104,10 @@ def dicomweb_datastore(url: str, conf: AppConf) -> Any:
     modalities = modalities_from_conf(conf)
     cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
     logger.info(f"DICOMweb datastore: series of modalities {modalities}{' (basic auth)' if session else ''}")
-    return DICOMWebDatastore(
+    return SegDICOMWebDatastore(
         client=client,
+        labels=labels,
+        tolerance_mm=tolerance_mm,
         search_filter={"Modality": modalities},
         cache_path=cache,
         fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
