@@ -142,11 +142,13 @@ def test_module_file_imports_without_slicer_and_logic_runs_the_loop(tmp_path: Pa
         assert got["seg"]["label_names"] == {"anterior": 1, "posterior": 2}
         seg = nib.load(got["seg"]["label"])
         arr = np.asanyarray(seg.dataobj).astype(np.uint8)
-        arr[5:8, 5:8, 5:8] = 2
+        # the correction: whatever a 1-epoch model predicted, the label has background and both structures
+        arr[0:3, 0:3, 0:3], arr[5:8, 5:8, 5:8], arr[9:12, 9:12, 9:12] = 0, 2, 1
         nib.save(nib.Nifti1Image(arr, seg.affine), tmp_path / "fixed.nii.gz")
         logic.submit_label(
             str(tmp_path / "fixed.nii.gz"), got["seg"]["label_names"], lambda r: got.update(submit=r), errors.append
         )
         logic.wait()
+        assert "submit" in got, errors
         assert got["submit"]["image"] == got["next"]["id"] and got["submit"]["retrain"]["model"] == "unet3d"
         assert srv.wait_train_done()["status"] == "DONE"
