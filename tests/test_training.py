@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import APP_DIR, ROOT, free_port, make_studies, serving_meta
+from lib.serverproc import server_command
 
 
 def make_app(tmp_path: Path, labelled: list[int], unlabelled: list[int] | None = None, **conf: str):
@@ -108,26 +108,7 @@ def test_empty_datastore_training_fails_clearly(tmp_path: Path, require_data: No
 
 def test_unknown_model_name_stops_server_start(tmp_path: Path, require_data: None) -> None:
     studies = make_studies(tmp_path / "studies", [3], [])
-    cmd = [
-        sys.executable,
-        "-m",
-        "monailabel.main",
-        "start_server",
-        "--app",
-        str(APP_DIR),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(free_port()),
-        "--conf",
-        "models",
-        "unet3d,unet9d",
-        "--conf",
-        "model_dir",
-        str(tmp_path / "model"),
-    ]
+    cmd = server_command(studies, {"models": "unet3d,unet9d", "model_dir": str(tmp_path / "model")}, free_port())
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=str(ROOT))
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

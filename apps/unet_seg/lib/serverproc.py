@@ -28,6 +28,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_command(studies: Path | str, conf: Mapping[str, str], port: int) -> list[str]:
+    """The ``monailabel start_server`` command line for apps/unet_seg on 127.0.0.1:``port`` with ``--conf`` pairs."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(APP_DIR),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    for k, v in conf.items():
+        cmd += ["--conf", k, str(v)]
+    return cmd
+
+
 class LabelServer:
     """A real `monailabel start_server` process serving apps/unet_seg (log written to ``log``)."""
 
@@ -43,22 +64,7 @@ class LabelServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.studies: Any = studies if "://" in str(studies) else Path(studies)  # a folder or a DICOMweb URL
         self.log = Path(log)
-        cmd = [
-            sys.executable,
-            "-m",
-            "monailabel.main",
-            "start_server",
-            "--app",
-            str(APP_DIR),
-            "--studies",
-            str(studies),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        for k, v in conf.items():
-            cmd += ["--conf", k, str(v)]
+        cmd = server_command(studies, conf, self.port)
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_AUTO_UPDATE_SCORING="false", **(env or {}))
         with open(self.log, "w") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
