@@ -256,6 +256,53 @@ def test_bad_labels_do_not_become_segs(pacs: str, loaded: list[dict]) -> None:
         seg_to_label(seg, source, {"anterior": 1})
 
 
+def test_infer_output_dicom_seg_is_a_seg_highdicom_reads(
+    pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path
+) -> None:
+    """``/infer?output=dicom_seg`` on a series: an AUTOMATIC SEG over that series, one segment per model label,
+    voxel-identical to the label of ``output=image``; refused for uploads and on a file datastore (badinputs)."""
+    import io
+
+    import highdicom as hd
+    import pydicom
+
+    from lib.dicomseg import seg_to_label
+
+    entry = loaded[3]
+    t = time.perf_counter()
+    r = requests.post(
+        f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"], "output": "dicom_seg"}, timeout=300
+    )
+    print(f"/infer?output=dicom_seg: {time.perf_counter() - t:.2f} s")
+    assert r.status_code == 200, r.text[:500]
+    assert r.headers["content-type"] == "application/dicom"
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(r.content)))
+    assert seg.SeriesDescription == "unet_seg prediction"
+    described = [seg.get_segment_description(n) for n in seg.segment_numbers]
+    assert [d.SegmentLabel for d in described] == ["anterior", "posterior"]
+    assert {d.SegmentAlgorithmType for d in described} == {"AUTOMATIC"}
+    source = retrieve_series(pacs, entry["study"], entry["series"])
+    assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in source
+    }
+    image = requests.post(
+        f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"], "output": "image"}, timeout=300
+    )
+    (tmp_path / "label.nii.gz").write_bytes(image.content)
+    label = np.asanyarray(nib.load(tmp_path / "label.nii.gz").dataobj)
+    assert np.array_equal(seg_to_label(seg, source, {"anterior": 1, "posterior": 2}), label)
+    with open(ROOT / "sample" / "studies" / entry["file"], "rb") as f:
+        up = requests.post(
+            f"{pacs_server.url}/infer/unet3d",
+            params={"image": entry["series"], "output": "dicom_seg"},
+            files={"file": (entry["file"], f)},
+            timeout=60,
+        )
+    assert up.status_code == 422 and "not an upload" in up.text
+    nothing = requests.post(f"{pacs_server.url}/infer/unet3d", params={"output": "dicom_seg"}, timeout=60)
+    assert nothing.status_code == 422 and "SeriesInstanceUID" in nothing.text
+
+
 def test_submitted_label_is_stored_in_the_pacs_as_seg(
     pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path
 ) -> None:

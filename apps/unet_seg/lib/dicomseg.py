@@ -1,8 +1,10 @@
 """Label maps as DICOM SEG and back, written and read with highdicom (no external binary).
 
-* ``label_to_seg``: an integer label volume in a series' voxel grid -> a binary DICOM SEG with one
-  segment per label present (its name, value and colour), referencing the source series'
-  instances. Labels submitted by people are ``MANUAL``; model output is ``AUTOMATIC``.
+* ``label_to_seg``: an integer label volume in a series' voxel grid -> a binary DICOM SEG
+  referencing the source series' instances, one segment (name, value, colour) per label. Labels
+  submitted by people are ``MANUAL`` and carry the labels present (an empty one is refused); model
+  output is ``AUTOMATIC`` and carries every label of the model, empty ones included, so a viewer
+  always shows the model's structures.
 * ``seg_to_label``: a SEG of that series -> the label volume again (segments mapped back to the
   label values recorded in their descriptions), voxel-identical.
 
@@ -67,13 +69,14 @@ def label_to_seg(
         raise InputError(
             f"label shape {tuple(label.shape)} does not match the series' volume {(cols, rows, len(source))}"
         )
-    values = sorted(int(v) for v in np.unique(label) if v != 0)
-    by_value = {v: n for n, v in labels.items()}
-    unknown = [v for v in values if v not in by_value]
+    present = sorted(int(v) for v in np.unique(label) if v != 0)
+    by_value = {v: n for n, v in labels.items() if v != 0}
+    unknown = [v for v in present if v not in by_value]
     if unknown:
         raise InputError(f"label values {unknown} are not among the model's labels {dict(labels)}")
-    if not values:
+    if manual and not present:
         raise InputError("the label is empty: a DICOM SEG needs at least one segment")
+    values = present if manual else sorted(by_value)
     frames = np.stack([label[:, :, k].T for k in range(len(source))])  # (slices, rows, cols)
     mask = np.zeros(frames.shape, dtype=np.uint8)
     segments = []

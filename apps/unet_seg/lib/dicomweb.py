@@ -60,12 +60,8 @@ class SegDICOMWebDatastore(DICOMWebDatastore):
         files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if not f.endswith((".nii", ".nii.gz"))]
         return [pydicom.dcmread(f) for f in files]
 
-    def save_label(
-        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
-    ) -> str:
-        """A final label is checked against the series' geometry, stored in the PACS as a SEG, then cached locally."""
-        if label_tag != DefaultLabelTag.FINAL.value:
-            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+    def seg_of(self, image_id: str, label_filename: str, *, manual: bool) -> Any:
+        """A DICOM SEG of a label file over series ``image_id``, after checking the label lies on its grid."""
         source = self._series(image_id)
         _, affine = series_to_volume(source)
         img = nib.load(label_filename)
@@ -74,7 +70,17 @@ class SegDICOMWebDatastore(DICOMWebDatastore):
             raise InputError(
                 f"label: its grid lies {offset:.3g} mm from series {image_id}'s (tolerance {self.tolerance_mm} mm)"
             )
-        seg = label_to_seg(np.rint(np.asanyarray(img.dataobj)).astype(np.int64), source, self.seg_labels)
+        label = np.rint(np.asanyarray(img.dataobj)).astype(np.int64)
+        description = "unet_seg label" if manual else "unet_seg prediction"
+        return label_to_seg(label, source, self.seg_labels, manual=manual, series_description=description)
+
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        """A final label is checked against the series' geometry, stored in the PACS as a SEG, then cached locally."""
+        if label_tag != DefaultLabelTag.FINAL.value:
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        seg = self.seg_of(image_id, label_filename, manual=True)
         self._client.store_instances([seg])
         logger.info(f"stored SEG {seg.SeriesInstanceUID} for series {image_id} in the PACS")
         label_info = {

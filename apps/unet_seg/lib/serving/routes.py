@@ -17,6 +17,7 @@ Every request's temp folder is removed when its reply has been sent, whatever ha
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -209,11 +210,12 @@ class Routes:
                 raise HTTPException(
                     status_code=422, detail=f"output: expected one of {', '.join(OUTPUTS)}; got {output[:40]!r}"
                 )
-            if output == "dicom_seg":
+            seg_of = getattr(self.app.datastore(), "seg_of", None) if output == "dicom_seg" else None
+            if output == "dicom_seg" and (seg_of is None or not image):
                 where = (
                     "needs a DICOMweb datastore; this server stores files"
-                    if not self.app.studies.startswith(("http://", "https://"))
-                    else "is not available on this server yet"
+                    if seg_of is None
+                    else "needs a series of the PACS (?image=<SeriesInstanceUID>), not an uploaded file or session"
                 )
                 raise HTTPException(status_code=422, detail=f"output=dicom_seg {where} (use output=image, json or all)")
             await files.read(request, ("file", "label"))
@@ -221,13 +223,21 @@ class Routes:
                 raise HTTPException(
                     status_code=422, detail=f"label: model {model!r} takes no input label (send only 'file' or ?image=)"
                 )
+            if seg_of is not None and "file" in files.files:
+                raise HTTPException(
+                    status_code=422, detail="output=dicom_seg: segment a series of the PACS (?image=), not an upload"
+                )
             params = check_params(parse_params(files.fields.get("params"), "params"), INFER_FIELDS, "params")
             path = await run_in_threadpool(self._resolve_image, files, image, session_id)  # reads the gzip stream
             req = {**params, "model": model, "image": path}
+            if seg_of is not None:
+                req["result_extension"] = ".nii.gz"  # the SEG is made from the label in the series' grid
             result = await self.executor.run(self.app.infer, req, client_gone=request.is_disconnected)
             result_file = result.get("file")
             keep_folder = True
             cleanup = BackgroundTask(remove_paths, result_file, files.folder)
+            if seg_of is not None:
+                return await run_in_threadpool(self._seg_reply, seg_of, image, result_file, cleanup)
             return self._reply(result, output or "all", cleanup)
         except asyncio.CancelledError:
             return Response(status_code=499)
@@ -240,6 +250,19 @@ class Routes:
         finally:
             if not keep_folder:
                 files.cleanup()
+
+    @staticmethod
+    def _seg_reply(seg_of: Any, image: str, result_file: str, cleanup: BackgroundTask) -> Response:
+        """The prediction as a DICOM SEG (AUTOMATIC segments, one per model label) over series ``image``."""
+        seg = seg_of(image, result_file, manual=False)
+        buffer = io.BytesIO()
+        seg.save_as(buffer, write_like_original=False)
+        return Response(
+            content=buffer.getvalue(),
+            media_type="application/dicom",
+            headers={"Content-Disposition": f'attachment; filename="{seg.SeriesInstanceUID}.dcm"'},
+            background=cleanup,
+        )
 
     @staticmethod
     def _reply(result: dict[str, Any], output: str, cleanup: BackgroundTask) -> Response:
