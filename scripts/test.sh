@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_slicer.sh
+# real components the tests start on 127.0.0.1: Orthanc (PACS) and headless Chromium (OHIF)
+bash scripts/orthanc.sh install
+bash scripts/browser.sh install
 # lint: any finding or unformatted file fails the run (config: ruff.toml)
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -70,3 +70,6 @@ def serving_meta(model_dir: Path | str, model: str) -> dict:
     serving = store.serving()
     assert serving is not None, f"{model}: no version serves; versions: {store.describe()}"
     return store.meta(serving.id).to_dict()
+
+
+from pacs_fixtures import loaded, pacs, pacs_server  # noqa: E402,F401  (module-scoped PACS fixtures for the tests)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -16,56 +14,18 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, Server, free_port, running_server
+from conftest import ROOT, Server, free_port
 from lib.dicomseries import retrieve_series, series_to_volume, store, volume_to_series
 from lib.validation import InputError
 
 SAMPLES = sorted((ROOT / "sample" / "studies").glob("*.nii.gz"))
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    r = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "orthanc.sh"), "start", str(folder), str(port)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield f"http://127.0.0.1:{port}/dicom-web"
-    finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / "orthanc.sh"), "stop", str(folder)], timeout=60)
-    assert not (folder / "orthanc.pid").exists()
-
-
-@pytest.fixture(scope="module")
-def loaded(pacs: str) -> list[dict]:
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "load_pacs.py"),
-            "--url",
-            pacs,
-            "--images",
-            str(ROOT / "sample" / "studies"),
-            "--modality",
-            "MR",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)
-
-
 def test_orthanc_listens_on_loopback_only_with_its_own_storage(
     pacs: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    config = json.loads(next(tmp_path_factory.getbasetemp().glob("orthanc*/orthanc.json")).read_text())
+    folder, _ = _orthanc(pacs, tmp_path_factory)
+    config = json.loads((folder / "orthanc.json").read_text())
     assert config["HttpBindAddress"] == "127.0.0.1" and config["RemoteAccessAllowed"] is False
     assert config["DicomServerEnabled"] is False and Path(config["StorageDirectory"]).is_dir()
 
@@ -132,26 +92,6 @@ def test_sheared_or_nan_volumes_cannot_become_series() -> None:
 
 
 # ---- the server on the PACS ------------------------------------------------------------------------
-
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost"}
-
-
-@pytest.fixture(scope="module")
-def pacs_server(pacs: str, loaded: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("pacs_server")
-    conf = {
-        "models": "unet3d",
-        "preset": "small",
-        "roi_size": "40,56,40",
-        "tracking": "none",
-        "auto_retrain_after": "0",
-        "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
-        "model_dir": str(base / "model"),
-    }
-    t = time.perf_counter()
-    with running_server(pacs, conf, base / "server.log", env=OFFLINE) as srv:  # any download attempt would fail
-        print(f"server on DICOMweb ready in {time.perf_counter() - t:.1f} s")
-        yield srv
 
 
 def pacs_url(server: Server) -> str:
@@ -348,3 +288,228 @@ def test_submitted_label_is_stored_in_the_pacs_as_seg(
     assert r.status_code == 422 and "7" in r.text, r.text[:300]
     after = requests.get(f"{pacs}/studies/{entry['study']}/series", params={"Modality": "SEG"}, timeout=30).json()
     assert len(after) == len(segs)
+
+
+# ---- training on labels stored in the PACS, uploads, faults, credentials ------------------------------
+
+
+def test_training_uses_the_segs_in_the_pacs_whoever_wrote_them(
+    pacs_server: Server, pacs: str, loaded: list[dict]
+) -> None:
+    """Labelled series = series with a SEG in the PACS: the server's own (submitted), one stored straight by another
+    tool with its own segment naming, and one whose segments are not this model's labels (skipped, logged)."""
+    from lib.dicomseg import label_to_seg
+
+    elsewhere, foreign = loaded[1], loaded[4]
+    source = retrieve_series(pacs, elsewhere["study"], elsewhere["series"])
+    label = np.asanyarray(nib.load(ROOT / "sample" / "studies" / "labels" / "final" / elsewhere["file"]).dataobj)
+    store(pacs, [label_to_seg(label.astype(np.uint8), source, {"Anterior": 1, "POSTERIOR": 2})])
+    source = retrieve_series(pacs, foreign["study"], foreign["series"])
+    shape = (int(source[0].Columns), int(source[0].Rows), len(source))
+    store(pacs, [label_to_seg(np.ones(shape, np.uint8), source, {"liver": 1})])
+    r = requests.post(
+        f"{pacs_server.url}/train/unet3d",
+        json={"max_epochs": 1, "val_split": 0.34, "train_batch_size": 1},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text[:300]
+    status = pacs_server.wait_train_done(timeout=900)
+    assert status["status"] == "DONE", status
+    model_dir = Path(pacs_server.conf["model_dir"])
+    split = json.loads((model_dir / "unet3d_split.json").read_text())
+    used = {Path(c).name.split(".nii")[0] for c in split["training"] + split["validation"]}
+    assert used == {loaded[i]["series"] for i in (0, 1, 2)}, split
+    stats = json.loads((model_dir / "unet3d_train_stats.json").read_text())
+    assert stats["train_cases"] + stats["val_cases"] == 3
+    log = pacs_server.log.read_text()
+    assert f"of series {foreign['series']} not used for training" in log and "liver" in log
+    listed = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60).json()
+    assert listed["completed"] == 4  # the foreign SEG still marks its series as labelled in the PACS
+
+
+def test_uploaded_image_becomes_a_series_in_the_pacs(pacs_server: Server, pacs: str, tmp_path: Path) -> None:
+    """PUT /datastore/image: checked like the file datastore, stored by STOW-RS as a new series, then segmentable."""
+    path = SAMPLES[5]
+    with open(path, "rb") as f:
+        r = requests.put(
+            f"{pacs_server.url}/datastore/image",
+            params={"image": "uploaded_case"},
+            files={"file": (path.name, f)},
+            timeout=120,
+        )
+    assert r.status_code == 200, r.text[:300]
+    series = r.json()["image"]
+    found = requests.get(f"{pacs}/series", params={"SeriesInstanceUID": series}, timeout=30).json()
+    assert len(found) == 1 and found[0]["00100020"]["Value"] == ["uploaded_case"]
+    inferred = requests.post(
+        f"{pacs_server.url}/infer/unet3d", params={"image": series, "output": "image"}, timeout=300
+    )
+    assert inferred.status_code == 200, inferred.text[:300]
+    (tmp_path / "label.nii.gz").write_bytes(inferred.content)
+    assert np.abs(nib.load(tmp_path / "label.nii.gz").affine - nib.load(path).affine).max() < 1e-4
+    before = len(requests.get(f"{pacs}/series", timeout=30).json())
+    nan = tmp_path / "nan.nii.gz"
+    data = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, nib.load(path).affine), nan)
+    for name, content, words in [
+        ("nan.nii.gz", nan.read_bytes(), "NaN"),
+        ("broken.nii.gz", path.read_bytes()[:2000], "truncated"),
+        ("flat.nii.gz", b"not an image", "cannot be read"),
+    ]:
+        bad = requests.put(
+            f"{pacs_server.url}/datastore/image", files={"file": (name, content)}, params={"image": "bad"}, timeout=60
+        )
+        assert bad.status_code == 422 and words.lower() in bad.text.lower(), (name, bad.status_code, bad.text[:300])
+    assert len(requests.get(f"{pacs}/series", timeout=30).json()) == before  # nothing stored
+
+
+def test_bad_requests_on_the_pacs_datastore_are_4xx_and_store_nothing(
+    pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path
+) -> None:
+    entry = loaded[3]
+    img = nib.load(SAMPLES[3])
+    good = (np.asanyarray(img.dataobj) > 60).astype(np.uint8)
+    cases = {
+        "nan.nii.gz": (nib.Nifti1Image(np.where(good > 0, np.nan, 0).astype(np.float32), img.affine), 422, "NaN"),
+        "float.nii.gz": (nib.Nifti1Image(good.astype(np.float32) * 0.5, img.affine), 422, "integer"),
+        "shape.nii.gz": (nib.Nifti1Image(good[:-2], img.affine), 422, "shape"),
+    }
+    shifted = img.affine.copy()
+    shifted[:3, 3] += 5.0
+    cases["shifted.nii.gz"] = (nib.Nifti1Image(good, shifted), 422, "mm from series")
+    before = requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json()
+    for name, (label, status, words) in cases.items():
+        nib.save(label, tmp_path / name)
+        with open(tmp_path / name, "rb") as f:
+            r = requests.put(
+                f"{pacs_server.url}/datastore/label",
+                params={"image": entry["series"], "tag": "final"},
+                files={"label": (name, f)},
+                timeout=120,
+            )
+        assert r.status_code == status and words in r.text, (name, r.status_code, r.text[:300])
+    nib.save(nib.Nifti1Image(good, img.affine), tmp_path / "good.nii.gz")
+    for image, status in [("1.2.3.4.5.6", 404), ("../../etc/passwd", 422), ("a/b", 422)]:
+        with open(tmp_path / "good.nii.gz", "rb") as f:
+            r = requests.put(
+                f"{pacs_server.url}/datastore/label",
+                params={"image": image, "tag": "final"},
+                files={"label": ("good.nii.gz", f)},
+                timeout=60,
+            )
+        assert r.status_code == status, (image, r.status_code, r.text[:300])
+        r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": image}, timeout=60)
+        assert r.status_code == status, (image, r.status_code, r.text[:300])
+    assert requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json() == before
+    assert not list(Path("/tmp").glob("unet_seg-req-*/*.nii.gz"))  # no request's temp file left behind
+
+
+def _orthanc(pacs: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The folder and port of the Orthanc behind ``pacs`` (other modules start their own)."""
+    port = int(pacs.split(":")[2].split("/")[0])
+    for config in tmp_path_factory.getbasetemp().glob("orthanc*/orthanc.json"):
+        if json.loads(config.read_text())["HttpPort"] == port:
+            return config.parent, port
+    raise AssertionError(f"no Orthanc folder for {pacs}")
+
+
+def test_pacs_down_or_slow_is_503_or_504_and_the_server_keeps_serving(
+    pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import os
+    import signal
+
+    folder, port = _orthanc(pacs, tmp_path_factory)
+    entry = loaded[5]  # never fetched by the server: the PACS must answer
+    label = tmp_path / "label.nii.gz"
+    img = nib.load(SAMPLES[5])
+    nib.save(nib.Nifti1Image((np.asanyarray(img.dataobj) > 60).astype(np.uint8), img.affine), label)
+    segs_before = requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json()
+
+    def submit() -> requests.Response:
+        with open(label, "rb") as f:
+            return requests.put(
+                f"{pacs_server.url}/datastore/label",
+                params={"image": entry["series"], "tag": "final"},
+                files={"label": ("label.nii.gz", f)},
+                timeout=120,
+            )
+
+    pid = int((folder / "orthanc.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)  # slow: connections are accepted, nothing answers
+    try:
+        t = time.perf_counter()
+        r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"]}, timeout=120)
+        print(f"slow PACS: {r.status_code} after {time.perf_counter() - t:.1f} s")
+        assert r.status_code == 504 and "did not answer in time" in r.json()["detail"], r.text[:300]
+        t = time.perf_counter()
+        assert requests.get(f"{pacs_server.url}/info/", timeout=30).status_code == 200
+        with open(SAMPLES[0], "rb") as f:  # an upload needs no PACS: served as usual
+            up = requests.post(f"{pacs_server.url}/infer/unet3d", files={"file": (SAMPLES[0].name, f)}, timeout=120)
+        assert up.status_code == 200, up.text[:300]
+        print(f"/info + /infer of an upload while the PACS hangs: {time.perf_counter() - t:.1f} s")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    subprocess.run(["bash", str(ROOT / "scripts" / "orthanc.sh"), "stop", str(folder)], check=True, timeout=60)
+    try:
+        r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"]}, timeout=120)
+        assert r.status_code == 503 and "unreachable" in r.json()["detail"], r.text[:300]
+        assert r.headers.get("retry-after") == "30"
+        assert submit().status_code == 503
+        stats = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60)
+        assert stats.status_code == 200 and stats.json()["pacs"].startswith("the PACS"), stats.text[:300]  # last counts
+        info = requests.get(f"{pacs_server.url}/info/", timeout=30)
+        assert info.status_code == 200 and info.json()["datastore"]["total"] > 0
+        assert str(port) not in r.text and "127.0.0.1" not in r.text  # no PACS address out of the API
+    finally:
+        subprocess.run(
+            ["bash", str(ROOT / "scripts" / "orthanc.sh"), "start", str(folder), str(port)], check=True, timeout=120
+        )
+    segs_after = requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json()
+    assert len(segs_after) == len(segs_before)  # nothing half-written
+    cache = [p for p in Path(pacs_server.log.parent).rglob(f"{entry['series']}*")]
+    assert not [p for p in cache if p.name.startswith(".partial-")]
+    r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"]}, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert submit().status_code == 200
+
+
+def test_basic_auth_towards_the_pacs_from_a_password_file(
+    loaded: list[dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orthanc with basic auth: the datastore lists its series with dicomweb_user + dicomweb_password_file; wrong
+    credentials are a 502 naming the confs; a password on the command line is refused."""
+    import os
+
+    from lib.conf import AppConf, ConfError
+    from lib.dicomweb import dicomweb_datastore, pacs_fault
+
+    folder, port = tmp_path / "orthanc", free_port()
+    env = {**os.environ, "ORTHANC_USER": "unetseg", "ORTHANC_PASSWORD": "s3cret-pw"}
+    orthanc = ["bash", str(ROOT / "scripts" / "orthanc.sh")]
+    subprocess.run([*orthanc, "start", str(folder), str(port)], check=True, env=env, timeout=120)
+    try:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        img = nib.load(SAMPLES[0])
+        store(url, volume_to_series(np.asanyarray(img.dataobj), img.affine), username="unetseg", password="s3cret-pw")
+        (tmp_path / "pw").write_text("s3cret-pw\n")
+        (tmp_path / "wrong").write_text("guess\n")
+        labels = {"anterior": 1, "posterior": 2}
+        conf = {"dicomweb_user": "unetseg", "dicomweb_password_file": str(tmp_path / "pw")}
+        from monailabel.config import settings
+
+        monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "cache"))
+        ok = dicomweb_datastore(url, AppConf(conf), labels, 0.5)
+        assert len(ok.list_images()) == 1
+        bad = dicomweb_datastore(url, AppConf({**conf, "dicomweb_password_file": str(tmp_path / "wrong")}), labels, 0.5)
+        with pytest.raises(requests.HTTPError) as err:
+            bad.list_images()
+        status, detail = pacs_fault(err.value) or (0, "")
+        assert status == 502 and "credentials" in detail and "guess" not in detail
+        with pytest.raises(ConfError, match="dicomweb_password_file"):
+            dicomweb_datastore(url, AppConf({"dicomweb_user": "u", "dicomweb_password": "x"}), labels, 0.5)
+        with pytest.raises(ConfError, match="go together"):
+            dicomweb_datastore(url, AppConf({"dicomweb_user": "u"}), labels, 0.5)
+    finally:
+        subprocess.run([*orthanc, "stop", str(folder)], timeout=60)

@@ -146,32 +146,44 @@ def locked(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class ValidatingDatastore(LocalDatastore):
-    """LocalDatastore with upload validation and a lock around its state (see module docstring)."""
+class WatcherLock:
+    """Mixin for LocalDatastore subclasses: one re-entrant lock (``_mutex``) shared with the file watcher.
+
+    Without it the watcher reloads the datastore file while a request thread changes the datastore
+    (that thread then writes the reloaded copy back without its change), and a failing event kills
+    the watcher thread for good.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._mutex = threading.RLock()  # before super().__init__: the watcher may fire at once
-        self.rules = UploadRules()
+        self._mutex = threading.RLock()  # before the datastore's __init__: the watcher may fire at once
         super().__init__(*args, **kwargs)
 
-    def configure(self, rules: UploadRules) -> None:
-        self.rules = rules
-
-    # ---- the watcher and every method that touches the in-memory model, under one lock ----
     def _on_any_event(self, event: Any) -> None:
         try:
             with self._mutex:
-                super()._on_any_event(event)
+                super()._on_any_event(event)  # type: ignore[misc]
         except Exception:  # a dead watcher never recovers: log and keep watching
             logger.exception(f"datastore watcher: event {getattr(event, 'src_path', event)!r} failed; still watching")
 
     def _on_modify_event(self, event: Any) -> None:
         try:
             with self._mutex:
-                super()._on_modify_event(event)
+                super()._on_modify_event(event)  # type: ignore[misc]
         except Exception:
             logger.exception(f"datastore watcher: event {getattr(event, 'src_path', event)!r} failed; still watching")
 
+
+class ValidatingDatastore(WatcherLock, LocalDatastore):
+    """LocalDatastore with upload validation and a lock around its state (see module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.rules = UploadRules()
+        super().__init__(*args, **kwargs)
+
+    def configure(self, rules: UploadRules) -> None:
+        self.rules = rules
+
+    # ---- every method that touches the in-memory model, under the watcher's lock ----------------
     refresh = locked(LocalDatastore.refresh)
     datalist = locked(LocalDatastore.datalist)
     get_image_uri = locked(LocalDatastore.get_image_uri)

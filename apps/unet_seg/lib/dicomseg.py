@@ -117,6 +117,7 @@ def label_to_seg(
         device_serial_number="0",
         series_description=series_description,
     )
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # the newest SEG of a series is its label
     return seg
 
 

@@ -64,6 +64,7 @@ class LabelServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.studies: Any = studies if "://" in str(studies) else Path(studies)  # a folder or a DICOMweb URL
         self.log = Path(log)
+        self.conf = dict(conf)
         cmd = server_command(studies, conf, self.port)
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_AUTO_UPDATE_SCORING="false", **(env or {}))
         with open(self.log, "w") as log:  # the child keeps its own copy of the descriptor

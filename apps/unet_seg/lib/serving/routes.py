@@ -28,10 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import requests
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from monailabel.config import settings
+from monailabel.endpoints.datastore import ResultType
+from monailabel.endpoints.datastore import datastore as datastore_listing
+from monailabel.endpoints.info import app_info
 from monailabel.endpoints.user.auth import RBAC, User
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +43,7 @@ from starlette.datastructures import UploadFile
 
 from ..conf import ConfError, parse_bool
 from ..datastore import ValidatingDatastore, check_id, check_image_upload, check_label_upload
+from ..dicomweb import pacs_fault
 from ..validation import InputError, TooLarge, check_affine, check_dtype, file_suffix, probe_file
 from .executor import BoundedExecutor, QueueFull
 from .limits import Limits
@@ -59,7 +64,17 @@ def http_error(e: BaseException) -> HTTPException:
         return HTTPException(status_code=422, detail=str(e))
     if isinstance(e, QueueFull):
         return HTTPException(status_code=503, detail=str(e), headers={"Retry-After": str(e.retry_after)})
+    fault = pacs_fault(e)
+    if fault is not None:
+        return HTTPException(status_code=fault[0], detail=fault[1], headers={"Retry-After": "30"})
     raise e
+
+
+async def pacs_fault_reply(request: Request, exc: Exception) -> JSONResponse:
+    """Any route (MONAI Label's own included) that fails talking to the PACS: 502/503/504 with a message."""
+    status, detail = pacs_fault(exc) or (502, "an upstream service failed; nothing was changed")
+    logger.warning(f"{request.method} {request.url.path}: {detail} ({type(exc).__name__})")
+    return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": "30"})
 
 
 #: (path, methods, endpoint) rows of routes to install
@@ -585,7 +600,15 @@ class Routes:
                 f"with models: {', '.join(routes.app._infers)}",
             )
 
+        async def info(u: User = user) -> Any:
+            return await run_in_threadpool(app_info)  # the datastore's counts may wait on a PACS
+
+        async def listing(output: ResultType | None = None, u: User = user) -> Any:
+            return await run_in_threadpool(datastore_listing, output)
+
         table: RouteTable = [
+            ("/info/", ["GET"], info),
+            ("/datastore/", ["GET"], listing),
             ("/auth/token", ["POST"], token),
             ("/session/", ["PUT"], create_session),
             ("/infer/wsi/{model}", ["POST"], no_wsi),  # MONAI Label's WSI routes read any server path given as image
@@ -607,12 +630,13 @@ class Routes:
                 path,
                 fn,
                 methods=methods,
-                include_in_schema=path != "/datastore/",
+                include_in_schema=(path, methods) != ("/datastore/", ["PUT"]),
                 dependency_overrides_provider=fastapi_app,
             )
             for path, methods, fn in table
         ]
         fastapi_app.router.routes[:0] = new
+        fastapi_app.add_exception_handler(requests.exceptions.RequestException, pacs_fault_reply)
         logger.info(
             f"unet_seg routes installed: {', '.join(p for p, _, _ in table)}; "
             f"inference workers {self.executor.workers}, queue {self.executor.queue}"
