@@ -106,6 +106,21 @@ def test_server_starts_offline_and_lists_the_mr_series(pacs_server: Server, load
     assert "dcmqi" not in pacs_server.log.read_text().lower()
 
 
+def test_next_sample_offers_unlabelled_series(pacs_server: Server, loaded: list[dict]) -> None:
+    """Active learning on the PACS: next study is an unlabelled series of the PACS, with no server path."""
+    series = {entry["series"] for entry in loaded}
+    seen = set()
+    for strategy in ("first", "random", "uncertainty"):
+        r = requests.post(f"{pacs_server.url}/activelearning/{strategy}", json={}, timeout=300)
+        assert r.status_code == 200, (strategy, r.text[:300])
+        body = r.json()
+        assert body["id"] in series, body
+        assert "/tmp" not in r.text and "cache" not in r.text, body  # no server paths out of the API
+        seen.add(body["id"])
+    labelled = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60).json()
+    assert labelled["total"] - labelled["completed"] >= len(seen) >= 1
+
+
 def test_infer_on_a_series_equals_infer_on_its_nifti_conversion(
     pacs_server: Server, pacs: str, loaded: list[dict], tmp_path: Path
 ) -> None:

@@ -36,7 +36,7 @@ from lib.activelearning import scoring_methods, strategies
 from lib.conf import AppConf, ConfError, parse_names
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.datastore import UploadRules, ValidatingDatastore
-from lib.dicomweb import dicomweb_datastore
+from lib.dicomweb import SegDICOMWebDatastore, dicomweb_datastore
 from lib.infers.base import ModelNotReady
 from lib.modelstore import ModelStore
 from lib.serving.limits import BodyGuard, Limits
@@ -209,7 +209,10 @@ class UNetSegApp(MONAILabelApp):
                 status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self._infers)}"
             )
         try:
-            return super().next_sample(request)
+            result = super().next_sample(request)
+            if isinstance(self._datastore, SegDICOMWebDatastore):
+                result.pop("path", None)  # the server's cache: no server paths out (clients fetch the series)
+            return result
         except ModelNotReady as e:
             raise HTTPException(status_code=409, detail=f"{strategy}: {e}") from e
         except (InputError, ConfError) as e:

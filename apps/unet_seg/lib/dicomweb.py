@@ -154,8 +154,14 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
         """Counts for ``/info`` and ``/datastore``; while the PACS fails, the last counts and what is wrong."""
         if time.monotonic() < self._quiet_until:
             return {**self._last_status, "pacs": self._fault}
+        with self._mutex:  # the local tags; the PACS is asked outside the lock
+            tags: dict[str, int] = {}
+            for obj in self._datastore.objects.values():
+                for tag in obj.labels:
+                    tags[tag] = tags.get(tag, 0) + 1
         try:
-            self._last_status = {**LocalDatastore.status(self), "pacs": "reachable"}
+            total, completed = len(self.list_images()), len(self.get_labeled_images())
+            self._last_status = {"total": total, "completed": completed, "label_tags": tags, "pacs": "reachable"}
             return self._last_status
         except requests.RequestException as e:
             fault = pacs_fault(e)
@@ -207,6 +213,12 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
             finally:
                 os.remove(tmp)
             return nii
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """The series' info (study, patient id, date, modality) without the cache path: no server paths out."""
+        info = LocalDatastore.get_image_info(self, image_id)
+        info.pop("path", None)
+        return info
 
     @staticmethod
     def _instances(folder: str) -> list[Dataset]:
