@@ -72,6 +72,7 @@ def pacs_server(pacs: str, loaded: list[dict], tmp_path_factory: pytest.TempPath
         "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
         "model_dir": str(base / "model"),
         "dicomweb_timeout": "5",
+        "dicomweb_listing_s": "1",  # series stored by a test are listed a second later
     }
     t = time.perf_counter()
     env = {**OFFLINE, "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(base / "cache")}

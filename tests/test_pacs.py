@@ -106,9 +106,11 @@ def test_server_starts_offline_and_lists_the_mr_series(pacs_server: Server, load
     assert "dcmqi" not in pacs_server.log.read_text().lower()
 
 
-def test_next_sample_offers_unlabelled_series(pacs_server: Server, loaded: list[dict]) -> None:
+def test_next_sample_offers_unlabelled_series(pacs_server: Server, pacs: str, loaded: list[dict]) -> None:
     """Active learning on the PACS: next study is an unlabelled series of the PACS, with no server path."""
-    series = {entry["series"] for entry in loaded}
+    listed = requests.get(f"{pacs}/series", params={"Modality": "MR,CT"}, timeout=30).json()
+    series = {s["0020000E"]["Value"][0] for s in listed}
+    assert {entry["series"] for entry in loaded} <= series
     seen = set()
     for strategy in ("first", "random", "uncertainty"):
         r = requests.post(f"{pacs_server.url}/activelearning/{strategy}", json={}, timeout=300)
@@ -147,6 +149,20 @@ def test_infer_on_a_series_equals_infer_on_its_nifti_conversion(
     (tmp_path / "nifti_label.nii.gz").write_bytes(r2.content)
     same = np.asanyarray(nib.load(tmp_path / "nifti_label.nii.gz").dataobj)
     assert np.array_equal(np.asanyarray(label.dataobj), same) and set(np.unique(same)) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("defect, words", [("missing_slice", "unevenly spaced"), ("one_slice", "1 slice(s)")])
+def test_a_series_that_is_not_a_volume_is_422_through_the_server(
+    pacs_server: Server, pacs: str, defect: str, words: str
+) -> None:
+    img = nib.load(SAMPLES[1])
+    series = volume_to_series(np.asanyarray(img.dataobj), img.affine, patient_id=f"defect_{defect}")
+    series = series[:1] if defect == "one_slice" else series[:5] + series[6:]
+    store(pacs, series)
+    time.sleep(1.5)  # dicomweb_listing_s
+    r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": series[0].SeriesInstanceUID}, timeout=120)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text[:300]
+    assert requests.get(f"{pacs_server.url}/info/", timeout=30).status_code == 200
 
 
 def test_unknown_series_and_bad_modality_conf(pacs_server: Server) -> None:
@@ -436,9 +452,12 @@ def test_pacs_down_or_slow_is_503_or_504_and_the_server_keeps_serving(
     import signal
 
     folder, port = _orthanc(pacs, tmp_path_factory)
-    entry = loaded[5]  # never fetched by the server: the PACS must answer
-    label = tmp_path / "label.nii.gz"
     img = nib.load(SAMPLES[5])
+    fresh = volume_to_series(np.asanyarray(img.dataobj), img.affine, patient_id="never_fetched")
+    store(pacs, fresh)  # a series the server never fetched: the PACS must answer
+    entry = {"series": str(fresh[0].SeriesInstanceUID)}
+    time.sleep(1.5)  # dicomweb_listing_s
+    label = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image((np.asanyarray(img.dataobj) > 60).astype(np.uint8), img.affine), label)
     segs_before = requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json()
 

@@ -6,7 +6,8 @@ are volumes, leaves half-downloaded series in its cache, waits for a silent PACS
 writes labels through an external binary. Here:
 
 * start-up downloads nothing; the series listed are those of ``--conf dicomweb_modalities``
-  (default ``MR,CT``; a QIDO-RS comma list);
+  (default ``MR,CT``; a QIDO-RS comma list), asked again after ``dicomweb_listing_s`` (default 60;
+  MONAI Label keeps its listing two hours, so new series from a scanner stay invisible that long);
 * a series is downloaded into a temp folder renamed into the cache when complete, converted by
   ``lib.dicomseries.series_to_volume`` (refuses one slice, gaps, mixed orientations: 422) and
   cached as NIfTI in exactly that grid, so images and labels share it voxel for voxel;
@@ -139,8 +140,12 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
         labels: Mapping[str, int],
         tolerance_mm: float = 0.5,
         upload_modality: str = "MR",
+        listing_s: float = 60.0,
         **kwargs: Any,
     ) -> None:
+        self.listing_s = listing_s
+        self._listing: list[str] | None = None
+        self._listing_until = 0.0
         super().__init__(*args, **kwargs)
         self.seg_labels = {n: v for n, v in labels.items() if v != 0}
         self.tolerance_mm = tolerance_mm
@@ -173,6 +178,14 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
             return {**self._last_status, "pacs": self._fault}
 
     # ---- images ----------------------------------------------------------------------------
+    def list_images(self) -> list[str]:
+        """The series of the served modalities, asked again after ``dicomweb_listing_s`` (MONAI Label: 2 hours)."""
+        if self._listing is None or time.monotonic() >= self._listing_until:
+            found = self._client.search_for_series(search_filters=self._search_filter)
+            self._listing = [_value(entry, "0020000E") for entry in found]
+            self._listing_until = time.monotonic() + self.listing_s
+        return list(self._listing)
+
     def _require(self, image_id: str) -> None:
         check_id(image_id)
         if image_id not in self.list_images():
@@ -248,7 +261,7 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
         )
         self._client.store_instances(series)
         uid = str(series[0].SeriesInstanceUID)
-        type(self).list_images.cache_clear()
+        self._listing = None  # listed from the next request on
         logger.info(f"stored uploaded image {image_id!r} in the PACS as series {uid} ({len(series)} instances)")
         return uid
 
@@ -370,6 +383,9 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
 
 def dicomweb_datastore(url: str, conf: AppConf, labels: Mapping[str, int], tolerance_mm: float) -> Any:
     """The DICOMweb datastore on ``url``, built offline with this app's search filter, timeout and credentials."""
+    listing_s = conf.float("dicomweb_listing_s", 60.0)
+    if not 0 <= listing_s <= 86400:
+        raise ConfError(f"dicomweb_listing_s: expected seconds in [0, 86400], got {listing_s}")
     timeout = conf.float("dicomweb_timeout", 30.0)
     if not 1 <= timeout <= 3600:
         raise ConfError(f"dicomweb_timeout: expected seconds in [1, 3600], got {timeout}")
@@ -396,6 +412,7 @@ def dicomweb_datastore(url: str, conf: AppConf, labels: Mapping[str, int], toler
         labels=labels,
         tolerance_mm=tolerance_mm,
         upload_modality=modalities.split(",")[0],
+        listing_s=listing_s,
         search_filter={"Modality": modalities},
         cache_path=cache,
         fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
