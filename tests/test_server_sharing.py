@@ -269,4 +269,4 @@ def test_scoring_and_batch_requests_are_checked_before_any_task(shared: Server) 
     assert r.status_code == 422 and "images" in r.json()["detail"]
     r = requests.post(f"{shared.url}/batch/infer/nosuch", json={}, timeout=30)
     assert r.status_code == 404
-    assert requests.get(f"{shared.url}/batch/infer", timeout=30).status_code == 404  # no batch task was created
+    assert requests.get(f"{shared.url}/batch/infer/", timeout=30).json()["status"] == "NONE"  # no job was started

@@ -36,11 +36,12 @@ from lib.activelearning import scoring_methods, strategies
 from lib.conf import AppConf, ConfError, parse_names
 from lib.configs import CONFIG_NAMES, load_config_class
 from lib.datastore import UploadRules, ValidatingDatastore
-from lib.dicomweb import SegDICOMWebDatastore, dicomweb_datastore
+from lib.dicomweb import dicomweb_datastore
 from lib.infers.base import ModelNotReady
 from lib.modelstore import ModelStore
 from lib.serving.limits import BodyGuard, Limits
 from lib.serving.models import ModelRoutes
+from lib.serving.preannotate import PREDICTION_TAG
 from lib.serving.routes import Routes
 from lib.serving.security import SecurityConf, SecurityGate, install_user_overrides
 from lib.validation import InputError, TooLarge
@@ -210,20 +211,47 @@ class UNetSegApp(MONAILabelApp):
             )
         try:
             result = super().next_sample(request)
-            if isinstance(self._datastore, SegDICOMWebDatastore):
-                result.pop("path", None)  # the server's cache: no server paths out (clients fetch the series)
-            return result
         except ModelNotReady as e:
             raise HTTPException(status_code=409, detail=f"{strategy}: {e}") from e
         except (InputError, ConfError) as e:
             raise HTTPException(status_code=422, detail=f"{strategy}: {e}") from e
+        result.pop("path", None)  # no server paths out: clients download the image (GET /datastore/image)
+        if result.get("id"):
+            prediction = self._datastore.get_label_info(result["id"], PREDICTION_TAG) or {}
+            if prediction.get("model") in self._infers:
+                serving = self.model_store(prediction["model"]).serving()
+                result["prediction"] = {
+                    "tag": PREDICTION_TAG,
+                    "model": prediction["model"],
+                    "model_version": prediction.get("model_version"),
+                    "created": prediction.get("created"),
+                    "serving": serving is not None and serving.id == prediction.get("model_version"),
+                }
+        return result
 
     def info(self) -> dict[str, Any]:
         out = super().info()
         out["models_not_ready"] = {name: task.info() for name, task in self._infers.items() if not task.is_valid()}
+        out["model_versions"] = {
+            name: [
+                {
+                    "id": v["id"],
+                    "state": v["state"],
+                    "serving": v["state"] == "serving",
+                    "mean_dice": v["val_mean_dice"],
+                    "created": v["created"],
+                    "per_class": (m.get("version") or {}).get("val_dice_per_class", {})
+                    if v["state"] == "serving"
+                    else {},
+                }
+                for v in m.get("versions", [])
+            ]
+            for name, m in {**out.get("models", {}), **out.get("models_not_ready", {})}.items()
+        }
         routes = getattr(self, "routes", None)
         if routes is not None:
             out["inference_queue"] = routes.executor.stats()
+            out["preannotation"] = routes.preannotation.status()
         return out
 
     def infer(self, request: dict, datastore: Any = None) -> dict:

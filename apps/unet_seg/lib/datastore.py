@@ -173,7 +173,18 @@ class WatcherLock:
             logger.exception(f"datastore watcher: event {getattr(event, 'src_path', event)!r} failed; still watching")
 
 
-class ValidatingDatastore(WatcherLock, LocalDatastore):
+class NoServerPaths:
+    """Mixin for LocalDatastore subclasses: image info (``/datastore/image/info``, next sample) without the file's
+    path on the server; clients download images by id (``GET /datastore/image``)."""
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        with self._mutex:  # type: ignore[attr-defined]
+            info = super().get_image_info(image_id)  # type: ignore[misc]
+        info.pop("path", None)
+        return info
+
+
+class ValidatingDatastore(NoServerPaths, WatcherLock, LocalDatastore):
     """LocalDatastore with upload validation and a lock around its state (see module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -187,7 +198,6 @@ class ValidatingDatastore(WatcherLock, LocalDatastore):
     refresh = locked(LocalDatastore.refresh)
     datalist = locked(LocalDatastore.datalist)
     get_image_uri = locked(LocalDatastore.get_image_uri)
-    get_image_info = locked(LocalDatastore.get_image_info)
     get_label_uri = locked(LocalDatastore.get_label_uri)
     get_labels_by_image_id = locked(LocalDatastore.get_labels_by_image_id)
     get_label_by_image_id = locked(LocalDatastore.get_label_by_image_id)

@@ -49,7 +49,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from .conf import AppConf, ConfError
-from .datastore import WatcherLock, align_to_image, check_id
+from .datastore import NoServerPaths, WatcherLock, align_to_image, check_id
 from .dicomseg import label_to_seg, seg_to_label
 from .dicomseries import series_to_volume, volume_to_series
 from .validation import InputError, probe_file, read_voxels
@@ -131,7 +131,7 @@ def _value(entry: Mapping[str, Any], tag: str) -> str:
     return str(values[0])
 
 
-class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
+class SegDICOMWebDatastore(NoServerPaths, WatcherLock, DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore with checked series, SEG labels by highdicom and PACS faults (module doc)."""
 
     def __init__(
@@ -226,12 +226,6 @@ class SegDICOMWebDatastore(WatcherLock, DICOMWebDatastore):
             finally:
                 os.remove(tmp)
             return nii
-
-    def get_image_info(self, image_id: str) -> dict[str, Any]:
-        """The series' info (study, patient id, date, modality) without the cache path: no server paths out."""
-        info = LocalDatastore.get_image_info(self, image_id)
-        info.pop("path", None)
-        return info
 
     @staticmethod
     def _instances(folder: str) -> list[Dataset]:

@@ -17,6 +17,7 @@ Every request's temp folder is removed when its reply has been sent, whatever ha
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +50,7 @@ from ..validation import InputError, TooLarge, check_affine, check_dtype, file_s
 from .executor import BoundedExecutor, QueueFull
 from .limits import Limits
 from .params import INFER_FIELDS, TRAIN_FIELDS, check_info_size, check_params, parse_params
+from .preannotate import IMAGE_SETS, PreAnnotation
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +174,9 @@ class Routes:
         self.app = app  # the UNetSegApp
         self.limits = limits
         self.executor = BoundedExecutor("infer", limits.infer_workers, limits.infer_queue)
+        self.preannotation = PreAnnotation(app, self.executor)
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self._digest_lock = threading.Lock()
 
     # ---- inference ------------------------------------------------------------------------
     def _resolve_image(self, files: RequestFiles, image: str, session_id: str) -> str:
@@ -298,6 +304,72 @@ class Routes:
                 }
             )
             return Response(content=encoder.to_string(), media_type=encoder.content_type, background=cleanup)
+
+    # ---- datastore downloads ------------------------------------------------------------
+    def _digest(self, path: str) -> tuple[int, str]:
+        """(size, sha256) of a stored file, remembered per (path, size, mtime) so a study is hashed once."""
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        with self._digest_lock:
+            if key in self._digests:
+                return st.st_size, self._digests[key]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        with self._digest_lock:
+            if len(self._digests) > 4096:
+                self._digests.clear()
+            self._digests[key] = h.hexdigest()
+        return st.st_size, self._digests[key]
+
+    def _file_reply(self, path: str, stem: str, check_only: bool) -> Response:
+        size, digest = self._digest(path)
+        name = f"{stem}{file_suffix(path)}"
+        if check_only:
+            return JSONResponse({"image": stem, "name": name, "size": size, "sha256": digest})
+        return FileResponse(
+            path, media_type="application/octet-stream", filename=name, headers={"X-Image-SHA256": digest}
+        )
+
+    async def download_image(self, image: str, check_only: bool = False) -> Response:
+        """``GET /datastore/image``: the stored file with its SHA-256 (``check_only``: just size and SHA-256)."""
+        check_id(image)
+
+        def find() -> str:
+            datastore = self.app.datastore()
+            if image not in datastore.list_images():
+                raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
+            path = datastore.get_image_uri(image)
+            if not path or not os.path.isfile(path):
+                raise HTTPException(status_code=404, detail=f"image {image!r} has no single file to send")
+            return path
+
+        try:
+            path = await run_in_threadpool(find)
+            return await run_in_threadpool(self._file_reply, path, image, check_only)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
+
+    async def download_label(self, label: str, tag: str, check_only: bool = False) -> Response:
+        """``GET /datastore/label``: image ``label``'s label tagged ``tag``, with its SHA-256."""
+        check_id(label)
+        check_id(tag, "label tag")
+
+        def find() -> str:
+            datastore = self.app.datastore()
+            if label not in datastore.list_images():
+                raise HTTPException(status_code=404, detail=f"image {label!r} not found in the datastore")
+            path = datastore.get_label_uri(label, tag) if datastore.get_label_info(label, tag) else ""
+            if not path or not os.path.isfile(path):
+                raise HTTPException(status_code=404, detail=f"image {label!r} has no label tagged {tag!r}")
+            return path
+
+        try:
+            path = await run_in_threadpool(find)
+            return await run_in_threadpool(self._file_reply, path, label, check_only)
+        except Exception as e:  # noqa: BLE001
+            raise http_error(e) from e
 
     # ---- datastore uploads ----------------------------------------------------------------
     async def add_image(self, request: Request, image: str | None = None, user: User | None = None) -> dict:
@@ -439,25 +511,25 @@ class Routes:
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
-    async def batch_infer(self, request: Request, model: str, images: str = "all", run_sync: bool = False) -> Any:
-        """``POST /batch/infer/{model}``: inference parameters checked like /infer, the job started off the loop."""
+    async def batch_infer(self, request: Request, model: str, images: str = "unlabeled") -> Any:
+        """``POST /batch/infer/{model}``: start pre-annotating (``lib.serving.preannotate``); params as /infer."""
         try:
             if model not in self.app._infers:
                 raise HTTPException(
                     status_code=404, detail=f"unknown model {model!r}; available models: {', '.join(self.app._infers)}"
                 )
-            from monailabel.endpoints.batch_infer import run
-            from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
-
-            choices = [t.value for t in BatchInferImageType]
-            if images not in choices:
+            if images not in IMAGE_SETS:
                 raise HTTPException(
-                    status_code=422, detail=f"images: expected one of {', '.join(choices)}; got {images[:40]!r}"
+                    status_code=422, detail=f"images: expected one of {', '.join(IMAGE_SETS)}; got {images[:40]!r}"
                 )
-            params = check_params(
-                await self._json_body(request, "batch inference request"), INFER_FIELDS, "batch inference request"
-            )
-            return await run_in_threadpool(run, model, BatchInferImageType(images), params, run_sync)
+            body = await self._json_body(request, "batch inference request")
+            image_ids = body.pop("image_ids", None)
+            if image_ids is not None:
+                if not isinstance(image_ids, list) or not image_ids or len(image_ids) > 100_000:
+                    raise HTTPException(status_code=422, detail="image_ids: expected a non-empty list of image ids")
+                image_ids = [check_id(str(i)) for i in image_ids]
+            params = check_params(body, INFER_FIELDS, "batch inference request")
+            return await run_in_threadpool(self.preannotation.start, model, images, image_ids, params)
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
@@ -582,10 +654,20 @@ class Routes:
         async def scoring(request: Request, method: str, run_sync: bool = False, u: User = annotator) -> Any:
             return await routes.scoring(request, method, run_sync)
 
-        async def batch_infer(
-            request: Request, model: str, images: str = "all", run_sync: bool = False, u: User = admin
-        ) -> Any:
-            return await routes.batch_infer(request, model, images, run_sync)
+        async def batch_infer(request: Request, model: str, images: str = "unlabeled", u: User = admin) -> Any:
+            return await routes.batch_infer(request, model, images)
+
+        async def download_image(image: str, check_only: bool = False, u: User = user) -> Response:
+            return await routes.download_image(image, check_only)
+
+        async def download_label(label: str, tag: str = "final", check_only: bool = False, u: User = user) -> Response:
+            return await routes.download_label(label, tag, check_only)
+
+        async def batch_status(u: User = user) -> dict:
+            return routes.preannotation.status()
+
+        async def batch_stop(u: User = admin) -> dict:
+            return routes.preannotation.stop()
 
         async def token(request: Request) -> Response:
             return await routes.token(request)
@@ -615,6 +697,8 @@ class Routes:
             ("/infer/wsi_v2/{model}", ["POST"], no_wsi),
             ("/infer/{model}", ["POST"], infer),
             ("/datastore/image", ["PUT"], add_image),
+            ("/datastore/image", ["GET"], download_image),
+            ("/datastore/label", ["GET"], download_label),
             ("/datastore/", ["PUT"], add_image),
             ("/datastore/label", ["PUT"], save_label),
             ("/train/{model}", ["POST"], train),
@@ -622,6 +706,8 @@ class Routes:
             ("/activelearning/{strategy}", ["POST"], next_sample),
             ("/scoring/{method}", ["POST"], scoring),
             ("/batch/infer/{model}", ["POST"], batch_infer),
+            ("/batch/infer/", ["GET"], batch_status),
+            ("/batch/infer/", ["DELETE"], batch_stop),
         ]
         table += extra(admin) if extra else []
         new = [

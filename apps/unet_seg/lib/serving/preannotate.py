@@ -1,0 +1,187 @@
+"""Pre-annotation: a background job that segments many datastore images and stores the predictions.
+
+``POST /batch/infer/<model>`` replaces MONAI Label's batch inference (a subprocess with no
+progress, no stop, and labels stored under ``original`` without the model version). Here one job
+at a time walks the chosen images (unlabelled, all, labelled, or a list of ids) in the server
+process and hands them to the inference executor **one at a time**, so a clinician's interactive
+``/infer`` waits for at most one batch image. Each prediction is stored under the non-final tag
+``prediction`` with ``{"model", "model_version", "created"}``; an image whose stored prediction
+already comes from the serving version is skipped (a job can be re-run after a stop or a new
+version). ``GET /batch/infer/`` reports progress (done, failed, skipped, images per minute) and
+``DELETE /batch/infer/`` stops the job after the image being segmented. "Next study" then opens
+the stored prediction when its version is the one serving (``UNetSegApp.next_sample`` says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import HTTPException
+
+from .executor import BoundedExecutor, QueueFull
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_TAG = "prediction"
+IMAGE_SETS = ("unlabeled", "all", "labeled")
+
+
+class PreAnnotation:
+    """One pre-annotation job at a time (see module docstring)."""
+
+    def __init__(self, app: Any, executor: BoundedExecutor) -> None:
+        self.app = app
+        self.executor = executor
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state: dict[str, Any] = {}
+
+    # ---- requests ---------------------------------------------------------------------------
+    def start(self, model: str, images: str, image_ids: list[str] | None, params: dict[str, Any]) -> dict[str, Any]:
+        """Start a job over ``images`` (or ``image_ids``); 409 while one runs."""
+        datastore = self.app.datastore()
+        if image_ids is not None:
+            known = set(datastore.list_images())
+            missing = [i for i in image_ids if i not in known]
+            if missing:
+                raise HTTPException(status_code=404, detail=f"image_ids not in the datastore: {missing[:10]}")
+            todo = list(dict.fromkeys(image_ids))
+        elif images == "unlabeled":
+            todo = sorted(datastore.get_unlabeled_images())
+        elif images == "labeled":
+            todo = sorted(datastore.get_labeled_images())
+        else:
+            todo = sorted(datastore.list_images())
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise HTTPException(
+                    status_code=409,
+                    detail=f"a pre-annotation job is running ({self._state.get('done', 0)}/"
+                    f"{self._state.get('total', 0)}); stop it with DELETE /batch/infer/ or wait",
+                )
+            self._stop.clear()
+            job = f"{model}-{int(time.time())}"
+            self._state = {
+                "job": job,
+                "model": model,
+                "status": "RUNNING",
+                "total": len(todo),
+                "done": 0,
+                "failed": 0,
+                "skipped": 0,
+                "started": time.time(),
+                "elapsed_s": 0.0,
+                "per_minute": None,
+                "current": None,
+                "errors": [],
+            }
+            self._thread = threading.Thread(
+                target=self._run, args=(model, todo, params), name="preannotate", daemon=True
+            )
+            self._thread.start()
+        logger.info(f"pre-annotation {job}: {len(todo)} images with {model}")
+        return {"job": job, "total": len(todo), "model": model}
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            if not self._state:
+                return {"status": "NONE"}
+            out = dict(self._state, errors=list(self._state["errors"]))
+        if out["status"] == "RUNNING":
+            out["elapsed_s"] = round(time.time() - out["started"], 2)
+        return out
+
+    def stop(self) -> dict[str, Any]:
+        """Stop after the current image; the reply is the status at that moment."""
+        with self._lock:
+            running = self._thread is not None and self._thread.is_alive()
+        if not running:
+            raise HTTPException(status_code=404, detail="no pre-annotation job is running")
+        self._stop.set()
+        return self.status()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the job ends (server shutdown, tests)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # ---- the job ----------------------------------------------------------------------------
+    def _serving_version(self, model: str) -> str | None:
+        serving = self.app.model_store(model).serving()
+        return serving.id if serving else None
+
+    def _run(self, model: str, todo: list[str], params: dict[str, Any]) -> None:
+        status = "DONE"
+        try:
+            for image_id in todo:
+                if self._stop.is_set():
+                    status = "STOPPED"
+                    break
+                self._update(current=image_id)
+                try:
+                    outcome = self._one(model, image_id, params)
+                except Exception as e:  # noqa: BLE001 - one bad image must not end the job: recorded, next
+                    logger.warning(f"pre-annotation: {image_id}: {type(e).__name__}: {e}")
+                    detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+                    self._update(failed=1, error={"image": image_id, "error": str(detail)[:300]})
+                    continue
+                self._update(**{outcome: 1})
+        except Exception as e:  # noqa: BLE001 - the listing itself failed (e.g. the PACS): the job ends FAILED
+            logger.exception("pre-annotation failed")
+            status = "FAILED"
+            self._update(error={"image": None, "error": f"{type(e).__name__}: {e}"[:300]})
+        finally:
+            with self._lock:
+                self._state["status"] = status
+                self._state["current"] = None
+                self._state["elapsed_s"] = round(time.time() - self._state["started"], 2)
+            logger.info(f"pre-annotation {self._state['job']}: {status} {self.status()}")
+
+    def _one(self, model: str, image_id: str, params: dict[str, Any]) -> str:
+        """Segment one image and store its prediction; 'skipped' when the serving version already made it."""
+        datastore = self.app.datastore()
+        version = self._serving_version(model)
+        stored = datastore.get_label_info(image_id, PREDICTION_TAG) or {}
+        if version and stored.get("model") == model and stored.get("model_version") == version:
+            return "skipped"
+        request = {**params, "model": model, "image": datastore.get_image_uri(image_id)}
+        result = self._submit(self.app.infer, request)
+        path = result.get("file")
+        try:
+            made_by = (result.get("params") or {}).get("model_version") or version
+            info = {"model": model, "model_version": made_by, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            datastore.save_label(image_id, path, PREDICTION_TAG, info)
+        finally:
+            if path and os.path.exists(path):
+                os.remove(path)
+        return "done"
+
+    def _submit(self, fn: Callable[..., dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
+        """One image through the shared executor; when it is full, wait (interactive requests go first)."""
+        while True:
+            try:
+                return self.executor.submit(fn, request).result()
+            except QueueFull as e:
+                if self._stop.wait(min(e.retry_after, 5)):
+                    raise RuntimeError("stopped while waiting for a free inference worker") from e
+
+    def _update(self, error: dict[str, Any] | None = None, current: str | None = None, **counts: int) -> None:
+        with self._lock:
+            for key, n in counts.items():
+                self._state[key] += n
+            if current is not None:
+                self._state["current"] = current
+            if error is not None:
+                self._state["errors"] = (self._state["errors"] + [error])[-20:]
+            elapsed = time.time() - self._state["started"]
+            finished = self._state["done"] + self._state["failed"]
+            self._state["elapsed_s"] = round(elapsed, 2)
+            self._state["per_minute"] = round(60.0 * self._state["done"] / elapsed, 2) if self._state["done"] else None
+            self._state["finished"] = finished + self._state["skipped"]
