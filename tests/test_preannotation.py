@@ -14,7 +14,6 @@ import hashlib
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -157,10 +156,16 @@ def test_bad_preannotation_requests_start_nothing(
     assert requests.get(f"{sample_server.url}/batch/infer/", timeout=30).json()["status"] != "RUNNING"
 
 
-def test_image_ids_run_only_those(sample_server: Server, tmp_path: Path) -> None:
+def test_image_ids_run_only_those_and_force_redoes(sample_server: Server) -> None:
     r = requests.post(
         f"{sample_server.url}/batch/infer/unet3d", json={"image_ids": ["hippocampus_003", "hippocampus_003"]}
     )
     assert r.status_code == 200 and r.json()["total"] == 1
     status = wait_job(sample_server)
     assert status["done"] + status["skipped"] == 1 and status["failed"] == 0, status
+    r = requests.post(
+        f"{sample_server.url}/batch/infer/unet3d", json={"image_ids": ["hippocampus_003"], "force": True}, timeout=30
+    )
+    assert r.status_code == 200
+    status = wait_job(sample_server)
+    assert status["done"] == 1 and status["skipped"] == 0, status  # force: made again though v1 made it

@@ -7,9 +7,10 @@ process and hands them to the inference executor **one at a time**, so a clinici
 ``/infer`` waits for at most one batch image. Each prediction is stored under the non-final tag
 ``prediction`` with ``{"model", "model_version", "created"}``; an image whose stored prediction
 already comes from the serving version is skipped (a job can be re-run after a stop or a new
-version). ``GET /batch/infer/`` reports progress (done, failed, skipped, images per minute) and
-``DELETE /batch/infer/`` stops the job after the image being segmented. "Next study" then opens
-the stored prediction when its version is the one serving (``UNetSegApp.next_sample`` says so).
+version) unless the request says ``"force": true``. ``GET /batch/infer/`` reports progress (done,
+failed, skipped, images per minute) and ``DELETE /batch/infer/`` stops the job after the image
+being segmented. "Next study" then opens the stored prediction when its version is the one
+serving (``UNetSegApp.next_sample`` says so).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ class PreAnnotation:
         self._state: dict[str, Any] = {}
 
     # ---- requests ---------------------------------------------------------------------------
-    def start(self, model: str, images: str, image_ids: list[str] | None, params: dict[str, Any]) -> dict[str, Any]:
-        """Start a job over ``images`` (or ``image_ids``); 409 while one runs."""
+    def start(
+        self, model: str, images: str, image_ids: list[str] | None, params: dict[str, Any], force: bool = False
+    ) -> dict[str, Any]:
+        """Start a job over ``images`` (or ``image_ids``); 409 while one runs; ``force`` redoes stored predictions."""
         datastore = self.app.datastore()
         if image_ids is not None:
             known = set(datastore.list_images())
@@ -82,7 +85,7 @@ class PreAnnotation:
                 "errors": [],
             }
             self._thread = threading.Thread(
-                target=self._run, args=(model, todo, params), name="preannotate", daemon=True
+                target=self._run, args=(model, todo, params, force), name="preannotate", daemon=True
             )
             self._thread.start()
         logger.info(f"pre-annotation {job}: {len(todo)} images with {model}")
@@ -117,7 +120,7 @@ class PreAnnotation:
         serving = self.app.model_store(model).serving()
         return serving.id if serving else None
 
-    def _run(self, model: str, todo: list[str], params: dict[str, Any]) -> None:
+    def _run(self, model: str, todo: list[str], params: dict[str, Any], force: bool) -> None:
         status = "DONE"
         try:
             for image_id in todo:
@@ -126,7 +129,7 @@ class PreAnnotation:
                     break
                 self._update(current=image_id)
                 try:
-                    outcome = self._one(model, image_id, params)
+                    outcome = self._one(model, image_id, params, force)
                 except Exception as e:  # noqa: BLE001 - one bad image must not end the job: recorded, next
                     logger.warning(f"pre-annotation: {image_id}: {type(e).__name__}: {e}")
                     detail = getattr(e, "detail", None) or str(e) or type(e).__name__
@@ -144,12 +147,12 @@ class PreAnnotation:
                 self._state["elapsed_s"] = round(time.time() - self._state["started"], 2)
             logger.info(f"pre-annotation {self._state['job']}: {status} {self.status()}")
 
-    def _one(self, model: str, image_id: str, params: dict[str, Any]) -> str:
+    def _one(self, model: str, image_id: str, params: dict[str, Any], force: bool) -> str:
         """Segment one image and store its prediction; 'skipped' when the serving version already made it."""
         datastore = self.app.datastore()
         version = self._serving_version(model)
         stored = datastore.get_label_info(image_id, PREDICTION_TAG) or {}
-        if version and stored.get("model") == model and stored.get("model_version") == version:
+        if not force and version and stored.get("model") == model and stored.get("model_version") == version:
             return "skipped"
         request = {**params, "model": model, "image": datastore.get_image_uri(image_id)}
         result = self._submit(self.app.infer, request)

@@ -523,13 +523,14 @@ class Routes:
                     status_code=422, detail=f"images: expected one of {', '.join(IMAGE_SETS)}; got {images[:40]!r}"
                 )
             body = await self._json_body(request, "batch inference request")
+            force = parse_bool(body.pop("force", False), "force")
             image_ids = body.pop("image_ids", None)
             if image_ids is not None:
                 if not isinstance(image_ids, list) or not image_ids or len(image_ids) > 100_000:
                     raise HTTPException(status_code=422, detail="image_ids: expected a non-empty list of image ids")
                 image_ids = [check_id(str(i)) for i in image_ids]
             params = check_params(body, INFER_FIELDS, "batch inference request")
-            return await run_in_threadpool(self.preannotation.start, model, images, image_ids, params)
+            return await run_in_threadpool(self.preannotation.start, model, images, image_ids, params, force)
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
