@@ -683,11 +683,14 @@ class Routes:
                 f"with models: {', '.join(routes.app._infers)}",
             )
 
+        # a PACS may keep the datastore's counts waiting: then off the event loop; local files answer at once there
+        remote = routes.app.studies.startswith(("http://", "https://"))
+
         async def info(u: User = user) -> Any:
-            return await run_in_threadpool(app_info)  # the datastore's counts may wait on a PACS
+            return await run_in_threadpool(app_info) if remote else app_info()
 
         async def listing(output: ResultType | None = None, u: User = user) -> Any:
-            return await run_in_threadpool(datastore_listing, output)
+            return await run_in_threadpool(datastore_listing, output) if remote else datastore_listing(output)
 
         table: RouteTable = [
             ("/info/", ["GET"], info),
