@@ -81,6 +81,8 @@ def test_download_sends_the_stored_file_with_its_checksum(sample_server: Server)
         r = requests.get(f"{sample_server.url}/datastore/image", params=params, timeout=30)
         assert r.status_code == status, (params, r.status_code, r.text[:200])
         assert str(SAMPLE) not in r.text and "/tmp" not in r.text
+    info = requests.get(f"{sample_server.url}/datastore/image/info", params={"image": "hippocampus_015"}, timeout=30)
+    assert info.status_code == 200 and "path" not in info.json() and str(SAMPLE.parent) not in info.text
     r = requests.get(f"{sample_server.url}/datastore/label", params={"label": "hippocampus_015", "tag": "final"})
     assert r.status_code == 404 and "no label tagged 'final'" in r.json()["detail"]
     r = requests.get(f"{sample_server.url}/datastore/label", params={"label": "hippocampus_003", "tag": "../x"})
