@@ -4,6 +4,7 @@ series through STOW-RS and read back through QIDO-RS / WADO-RS with exact geomet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -149,6 +150,13 @@ def test_infer_on_a_series_equals_infer_on_its_nifti_conversion(
     (tmp_path / "nifti_label.nii.gz").write_bytes(r2.content)
     same = np.asanyarray(nib.load(tmp_path / "nifti_label.nii.gz").dataobj)
     assert np.array_equal(np.asanyarray(label.dataobj), same) and set(np.unique(same)) <= {0, 1, 2}
+    # a remote viewer (the Slicer module) downloads the series as the volume the server segments
+    got = requests.get(f"{pacs_server.url}/datastore/image", params={"image": entry["series"]}, timeout=60)
+    assert got.status_code == 200, got.text[:300]
+    assert got.headers["x-image-sha256"] == hashlib.sha256(got.content).hexdigest()
+    (tmp_path / "downloaded.nii.gz").write_bytes(got.content)
+    downloaded = nib.load(tmp_path / "downloaded.nii.gz")
+    assert np.abs(downloaded.affine - affine).max() < 1e-4 and downloaded.shape == volume.shape
 
 
 @pytest.mark.parametrize("defect, words", [("missing_slice", "unevenly spaced"), ("one_slice", "1 slice(s)")])

@@ -154,3 +154,96 @@ def _present_values(labelmap: Any) -> set[int]:
     if image is None or image.GetPointData().GetScalars() is None:
         return set()
     return set(np.unique(vtk_to_numpy(image.GetPointData().GetScalars())).tolist()) - {0}
+
+
+def volume_nodes(scene: Any, paths: list[str], names: list[str] | None = None) -> list[Any]:
+    """Scalar volume nodes read from local files (one per modality of a study)."""
+    return [read_volume(scene, p, name=(names[i] if names else None)) for i, p in enumerate(paths)]
+
+
+def _table(scene: Any, name: str, columns: dict[str, list]) -> Any:
+    """A table node ``name`` (created or emptied) with one column per entry: floats, or strings for text lists."""
+    import vtk
+
+    node = scene.GetFirstNodeByName(name)
+    if node is None or not node.IsA("vtkMRMLTableNode"):
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = node.GetTable()
+    while table.GetNumberOfColumns():
+        table.RemoveColumn(0)
+    rows = max((len(v) for v in columns.values()), default=0)
+    for col, values in columns.items():
+        text = any(isinstance(v, str) for v in values)
+        arr = vtk.vtkStringArray() if text else vtk.vtkDoubleArray()
+        arr.SetName(col)
+        arr.SetNumberOfValues(rows)
+        for i, v in enumerate(values):
+            arr.SetValue(i, str(v) if text else (float("nan") if v is None else float(v)))
+        table.AddColumn(arr)
+    table.SetNumberOfRows(rows)
+    node.Modified()
+    return node
+
+
+def _series(scene: Any, name: str, table: Any, x: str, y: str, bar: bool, rgb: tuple[float, float, float]) -> Any:
+    node = scene.GetFirstNodeByName(name)
+    if node is None or not node.IsA("vtkMRMLPlotSeriesNode"):
+        node = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
+    node.SetAndObserveTableNodeID(table.GetID())
+    node.SetXColumnName(x)
+    node.SetYColumnName(y)
+    node.SetPlotType(node.PlotTypeBar if bar else node.PlotTypeScatter)
+    if not bar:
+        node.SetMarkerStyle(node.MarkerStyleCircle)
+    node.SetColor(*rgb)
+    return node
+
+
+def _chart(scene: Any, name: str, series: list[Any], title: str, x_title: str, y_title: str) -> Any:
+    chart = scene.GetFirstNodeByName(name)
+    if chart is None or not chart.IsA("vtkMRMLPlotChartNode"):
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+    chart.RemoveAllPlotSeriesNodeIDs()
+    for s in series:
+        chart.AddAndObservePlotSeriesNodeID(s.GetID())
+    chart.SetTitle(title)
+    chart.SetXAxisTitle(x_title)
+    chart.SetYAxisTitle(y_title)
+    chart.SetLegendVisibility(True)
+    return chart
+
+
+def plot_overview(scene: Any, model: str, overview: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Plot chart nodes for one model's ``UNetSegLogic.overview()`` entry: (training curve, per-class Dice).
+
+    The curve has the training loss and the validation mean Dice per epoch of the last training;
+    the bars are the per-class validation Dice of the serving version (or of the last training).
+    The widget shows them in ``qMRMLPlotWidget``s; the nodes are plain MRML (testable on slicer-core).
+    """
+    curve = overview.get("curve") or {}
+    table = _table(
+        scene,
+        f"UNetSeg {model} curve",
+        {
+            "epoch": list(curve.get("epoch") or []),
+            "train loss": list(curve.get("train_loss") or []),
+            "val mean Dice": list(curve.get("val_mean_dice") or []),
+        },
+    )
+    loss = _series(scene, f"UNetSeg {model} train loss", table, "epoch", "train loss", False, (0.85, 0.4, 0.1))
+    dice = _series(scene, f"UNetSeg {model} val Dice", table, "epoch", "val mean Dice", False, (0.1, 0.45, 0.85))
+    curve_chart = _chart(scene, f"UNetSeg {model} training", [loss, dice], f"{model}: last training", "epoch", "")
+    per_class = overview.get("per_class") or {}
+    names = list(per_class)
+    bars_table = _table(
+        scene,
+        f"UNetSeg {model} per-class",
+        {"index": list(range(1, len(names) + 1)), "class": names, "Dice": [per_class[n] for n in names]},
+    )
+    bars = _series(scene, f"UNetSeg {model} Dice per class", bars_table, "index", "Dice", True, (0.2, 0.65, 0.3))
+    bars.SetLabelColumnName("class")
+    version = overview.get("per_class_version") or ""
+    bar_chart = _chart(
+        scene, f"UNetSeg {model} per-class chart", [bars], f"{model} {version}: validation Dice per class", "", "Dice"
+    )
+    return curve_chart, bar_chart

@@ -150,6 +150,9 @@ class SegInferTask(BasicInferTask):
         else:
             out["not_ready_reason"] = self.not_ready_reason()
         out["versions"] = self.store.describe()
+        out["channels"] = self.in_channels  # what an image of this model holds (channels last in one file)
+        names = list(getattr(self, "modality_names", None) or [f"channel{i}" for i in range(self.in_channels)])
+        out["modalities"] = ["image"] if names == ["channel0"] else names  # one unnamed channel: just the image
         return out
 
     # ---- network ----------------------------------------------------------------------------
