@@ -366,8 +366,11 @@ def mode_predict(ws: Workspace) -> dict:
     out_dir = os.path.join(ws.results, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     written = []
+    predict_s = 0.0
     for i, case in enumerate(tqdm(cases, desc="predict", unit="image")):
+        t = time.perf_counter()
         written.append(_predict_one(ws, case, out_dir))
+        predict_s += time.perf_counter() - t
         if i == 0:
             written.append(_overlay(ws, case, written[-1]))
         if ws.args.save_probs:
@@ -377,7 +380,8 @@ def mode_predict(ws: Workspace) -> dict:
                 )
             )
     print(f"{len(cases)} prediction(s) in {out_dir}")
-    return {"predictions": written}
+    print(f"PREDICT_S {predict_s:.3f} (inference and writing; model loading included in the first)")
+    return {"predictions": written, "predict_s": round(predict_s, 3)}
 
 
 def _evaluation_cases(ws: Workspace) -> list[Case]:
