@@ -16,7 +16,11 @@
    ``nnUNetPredictor.predict_from_files`` (step 0.5, Gaussian, mirroring = 8 flips when
    ``--tta``, 1 preprocessing and 1 export worker) and ``main.py predict --config nnunet``
    (fp32 and bf16 autocast where the CPU has it). Reported: the wall time of the prediction call
-   inside each process (median of the runs) and of the whole process, and the ratio to nnU-Net.
+   inside each process (median of the runs) and of the whole process, and the ratio to nnU-Net;
+5. the arithmetic floor: the convolution FLOPs of one window (forward hooks on unet_seg's network of
+   that plan) x the sliding windows of every volume (overlap 0.5) x 8 flips, divided by the best
+   GFLOP/s plain 3D convolutions of the network's sizes reach on this CPU (fp32, bf16 autocast);
+   each tool's time is reported as a multiple of that floor.
 
     .venv/bin/python benchmarks/peer_inference.py --setup
     .venv/bin/python benchmarks/peer_inference.py --data ../shared/data/hippocampus --cases 20 --tta --out runs/peer
@@ -169,6 +173,83 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
     return wall, r.stdout + r.stderr
 
 
+def conv_flops(net: object, patch: list[int]) -> float:
+    """Multiply-add FLOPs (x2) of one forward of ``net`` on a 1-channel window, from its (transposed) convolutions."""
+    import torch
+
+    total = [0.0]
+
+    def hook(mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        k = float(torch.tensor(mod.kernel_size).prod())
+        if isinstance(mod, torch.nn.ConvTranspose3d):
+            total[0] += 2.0 * mod.in_channels * mod.out_channels / mod.groups * k * inp[0][0, 0].numel()
+        else:
+            total[0] += 2.0 * mod.in_channels / mod.groups * mod.out_channels * k * out[0, 0].numel()
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in net.modules()
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))
+    ]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, *patch))
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+def attained_peak(dtype: str, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of plain 3D convolutions of this network's sizes on this CPU (fp32, or bf16 autocast)."""
+    import torch
+
+    best = 0.0
+    for c, size in ((32, (40, 56, 40)), (64, (20, 28, 20)), (128, (10, 14, 10)), (256, (5, 7, 5))):
+        conv = torch.nn.Conv3d(c, c, 3, padding=1).eval()
+        x = torch.randn(2, c, *size)
+        flops = 2.0 * c * c * 27 * 2 * x[0, 0].numel()
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
+        with torch.no_grad(), ctx:
+            conv(x)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                conv(x)
+                n += 1
+        best = max(best, flops * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def windows(shape: tuple[int, ...], patch: list[int], overlap: float = 0.5) -> int:
+    """Sliding-window count MONAI uses for a volume (smaller axes are padded to the patch)."""
+    n = 1
+    for dim, roi in zip(shape, patch, strict=True):
+        step = max(int(roi * (1 - overlap)), 1)
+        n *= 1 if dim <= roi else -(-(dim - roi) // step) + 1
+    return n
+
+
+def floor_seconds(model_dir: Path, images: Path, patch: list[int], tta: bool) -> dict:
+    """The arithmetic floor of the prediction: every window's convolutions at the attained peak."""
+    import nibabel as nib
+
+    sys.path.insert(0, str(ROOT / "apps" / "unet_seg"))
+    from lib.modelstore import ModelStore
+    from lib.networks import DynUNetSpec
+
+    store = ModelStore(str(model_dir), "nnunet")
+    serving = store.serving()
+    assert serving is not None, "unet_seg's model was not published"
+    net = DynUNetSpec.from_dict(dict(store.meta(serving.id).spec)).build().eval()
+    per_window = conv_flops(net, patch)
+    count = sum(windows(nib.load(p).shape[:3], patch) for p in sorted(images.glob("*.nii.gz")))
+    total = per_window * count * (8 if tta else 1)
+    out = {"gflop_per_window": round(per_window / 1e9, 3), "windows": count, "total_gflop": round(total / 1e9, 1)}
+    for dtype in ("fp32", "bf16"):
+        peak = attained_peak(dtype)
+        out[f"peak_{dtype}_gflops"] = round(peak, 1)
+        out[f"floor_{dtype}_s"] = round(total / 1e9 / peak, 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setup", action="store_true", help="make the peer venv (nnU-Net v2 from PyPI) and exit")
@@ -246,17 +327,30 @@ def main() -> None:
             predict_s = float(text.split("PREDICT_S", 1)[1].split()[0])
             rows[key].append((predict_s, wall))
         print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1][0]:.1f} s" for k, v in rows.items()))
+    floor = floor_seconds(out / "ours" / "model", ours_images, list(theirs["patch"]), args.tta)
+    print("arithmetic floor:", json.dumps(floor))
     ref = statistics.median(p for p, _ in rows["nnU-Net v2"])
     table = []
     tta = "8 flips" if args.tta else "off"
     print(f"\n{len(names)} volumes, TTA {tta}, {args.runs} fresh processes each; same topology: {same}")
-    print("| tool | predict s (median) | process s (median) | ratio to nnU-Net |")
-    print("|---|---|---|---|")
+    print("| tool | predict s (median) | process s (median) | ratio to nnU-Net | x bf16 floor | x fp32 floor |")
+    print("|---|---|---|---|---|---|")
     for key, vals in rows.items():
         p = statistics.median(v[0] for v in vals)
         w = statistics.median(v[1] for v in vals)
-        table.append({"tool": key, "predict_s": round(p, 2), "process_s": round(w, 2), "ratio": round(p / ref, 3)})
-        print(f"| {key} | {p:.1f} | {w:.1f} | {p / ref:.2f} |")
+        fb, ff = p / floor["floor_bf16_s"], p / floor["floor_fp32_s"]
+        table.append(
+            {
+                "tool": key,
+                "predict_s": round(p, 2),
+                "process_s": round(w, 2),
+                "ratio": round(p / ref, 3),
+                "x_floor_bf16": round(fb, 2),
+                "x_floor_fp32": round(ff, 2),
+                "runs": [round(v[0], 2) for v in vals],
+            }
+        )
+        print(f"| {key} | {p:.1f} | {w:.1f} | {p / ref:.2f} | {fb:.2f} | {ff:.2f} |")
     (out / "peer_inference.json").write_text(
         json.dumps(
             {"volumes": len(names), "tta": args.tta, "same_patch": same, "nnunet_plan": theirs, "rows": table}, indent=2
