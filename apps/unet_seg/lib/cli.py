@@ -17,12 +17,14 @@ launch with ``torchrun --nproc_per_node N main.py train ...`` (env:// rendezvous
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -99,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_preds", action="store_true", help="evaluate: keep the predicted label files")
     g.add_argument("--save_probs", action="store_true", help="predict: also write softmax probability maps")
     g.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="predict: spread the volumes over a Ray cluster ('auto' or HOST:PORT); finished outputs are skipped",
+    )
+    g.add_argument("--ray_workers", type=int, default=0, help="predict --ray: workers (default: GPUs, else CPUs)")
+    g.add_argument("--ray_cpus", type=int, default=1, help="predict --ray: CPUs (torch threads) per CPU worker")
+    g.add_argument(
         "--split", default="auto", help="evaluate: 'validation' (the persisted split), 'all' labelled cases, or 'auto'"
     )
     g = p.add_argument_group("both")
@@ -135,6 +145,23 @@ def parse_conf(items: list[str]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def app_module() -> Any:
+    """apps/unet_seg/main.py, loaded by its path: another ``main`` may come first on sys.path (a Ray worker's
+    working directory is the repository root, whose main.py is this command line)."""
+    module = sys.modules.get("main")
+    if module is not None and os.path.dirname(os.path.abspath(getattr(module, "__file__", "") or "")) == APP_DIR:
+        return module
+    if "unet_seg_app_main" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("unet_seg_app_main", os.path.join(APP_DIR, "main.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["unet_seg_app_main"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["unet_seg_app_main"]
 
 
 class Workspace:
@@ -193,7 +220,7 @@ class Workspace:
             os.environ.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
             if APP_DIR not in sys.path:
                 sys.path.insert(0, APP_DIR)
-            from main import UNetSegApp  # apps/unet_seg/main.py (APP_DIR is first on sys.path)
+            UNetSegApp = app_module().UNetSegApp
 
             try:
                 self._app = UNetSegApp(APP_DIR, self.studies, self.conf)
@@ -327,6 +354,7 @@ def infer_request(args: argparse.Namespace, image: Any) -> dict:
 
 
 def _predict_one(ws: Workspace, case: Case, out_dir: str) -> str:
+    """Segment one case; the label is written under a temporary name and renamed (never half-written)."""
     image = case.image
     res = ws.app().infer(infer_request(ws.args, image))
     src = res["file"]
@@ -354,17 +382,54 @@ def _overlay(ws: Workspace, case: Case, label_path: str) -> str:
     )
 
 
+def ray_predictor(args: argparse.Namespace) -> Callable[[Case], str]:
+    """Run in each Ray worker: this process's model, then ``case -> written label path``."""
+    ws = Workspace(args)
+    _require_model(ws)
+    out_dir = os.path.join(ws.results, "predictions")
+    return functools.partial(_predict_one, ws, out_dir=out_dir)
+
+
+def _predict_on_ray(ws: Workspace, cases: list[Case], out_dir: str) -> dict:
+    from .cohort import predict_cohort
+
+    if ws.args.save_probs:
+        raise CliError("--save_probs is not available with --ray")
+    _require_model(ws)  # a missing model is said here, not by every worker
+    report = predict_cohort(
+        cases,
+        out_dir,
+        functools.partial(ray_predictor, ws.args),
+        address=ws.args.ray,
+        app_dir=APP_DIR,
+        workers=ws.args.ray_workers,
+        cpus_per_worker=ws.args.ray_cpus,
+    )
+    print(
+        f"{len(report['written'])} prediction(s) written, {len(report['skipped'])} already there, "
+        f"{len(report['failed'])} failed, {len(report['retried'])} retried after a worker died; "
+        f"{report['workers']} Ray worker(s) in {report.get('seconds', 0)} s -> {out_dir}"
+    )
+    for name, why in report["failed"].items():
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    if report["failed"]:
+        raise CliError(f"{len(report['failed'])} volume(s) failed (see above); re-run to retry them")
+    return report
+
+
 def mode_predict(ws: Workspace) -> dict:
     """Label files (original geometry) for every image of the test list (MSD) or images/ folder, with a progress bar."""
     from tqdm import tqdm
 
-    task = _require_model(ws)
     try:
         cases = load_cases(ws.args.data, "test")
     except DatasetError:
         cases = ws.cases()
     out_dir = os.path.join(ws.results, "predictions")
     os.makedirs(out_dir, exist_ok=True)
+    if ws.args.ray:
+        return _predict_on_ray(ws, cases, out_dir)
+    task = _require_model(ws)
     written = []
     predict_s = 0.0
     for i, case in enumerate(tqdm(cases, desc="predict", unit="image")):
