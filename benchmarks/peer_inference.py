@@ -250,6 +250,41 @@ def floor_seconds(model_dir: Path, images: Path, patch: list[int], tta: bool) ->
     return out
 
 
+def prepare(data: Path, cases: int, out: Path) -> tuple[dict[str, str], Path, Path, dict, bool, list[str]]:
+    """Both tools plan ``cases`` cases in a fresh ``out``; nnU-Net gets a model folder of its plan.
+
+    Returns (nnU-Net env, its preprocessed dataset folder, its model folder, its topology, whether
+    unet_seg's topology is the same, the case names); both topologies are printed.
+    """
+    if not (PEER_VENV / "bin" / "python").exists():
+        raise SystemExit(f"{PEER_VENV} missing: run benchmarks/peer_inference.py --setup first")
+    shutil.rmtree(out, ignore_errors=True)
+    raw, pre, res = out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(raw),
+        "nnUNet_preprocessed": str(pre),
+        "nnUNet_results": str(res),
+        "nnUNet_def_n_proc": "1",
+    }
+    names = write_raw(data, cases, raw, out / "images")
+    peer(PEER_PLAN, env=env)
+    model = res / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    theirs = json.loads(peer(PEER_MODEL, str(pre / DATASET), str(model), env=env).strip().splitlines()[-1])
+    ours = ours_plan(data, cases, out / "ours", out / "msd")
+    print("nnU-Net plan :", json.dumps(theirs))
+    mine = {
+        "patch": ours.get("patch_size"),
+        "spacing": ours.get("target_spacing"),
+        "strides": ours.get("strides"),
+        "kernels": ours.get("kernel_sizes"),
+        "features": ours.get("filters"),
+    }
+    print("unet_seg plan:", json.dumps(mine))
+    same = all(list(theirs[k]) == list(mine[k] or []) for k in ("patch", "strides", "kernels", "features"))
+    return env, pre / DATASET, model, theirs, same, names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--setup", action="store_true", help="make the peer venv (nnU-Net v2 from PyPI) and exit")
@@ -262,35 +297,9 @@ def main() -> None:
     if args.setup:
         setup()
         return
-    if not (PEER_VENV / "bin" / "python").exists():
-        raise SystemExit(f"{PEER_VENV} missing: run {sys.argv[0]} --setup first")
     out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    data = Path(args.data).resolve()
-    raw, pre, res = out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"
-    env = {
-        **os.environ,
-        "nnUNet_raw": str(raw),
-        "nnUNet_preprocessed": str(pre),
-        "nnUNet_results": str(res),
-        "nnUNet_def_n_proc": "1",
-    }
+    env, _pre, model, theirs, same, names = prepare(Path(args.data).resolve(), args.cases, out)
     images = out / "images"
-    names = write_raw(data, args.cases, raw, images)
-    peer(PEER_PLAN, env=env)
-    model = res / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    theirs = json.loads(peer(PEER_MODEL, str(pre / DATASET), str(model), env=env).strip().splitlines()[-1])
-    ours = ours_plan(data, args.cases, out / "ours", out / "msd")
-    print("nnU-Net plan :", json.dumps(theirs))
-    mine = {
-        "patch": ours.get("patch_size"),
-        "spacing": ours.get("target_spacing"),
-        "strides": ours.get("strides"),
-        "kernels": ours.get("kernel_sizes"),
-        "features": ours.get("filters"),
-    }
-    print("unet_seg plan:", json.dumps(mine))
-    same = all(list(theirs[k]) == list(mine[k] or []) for k in ("patch", "strides", "kernels", "features"))
     # our predict reads an images/ folder (plain names)
     ours_images = out / "ours_data" / "images"
     ours_images.mkdir(parents=True)

@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_inference import DATASET, PEER_MODEL, PEER_PLAN, PEER_VENV, ROOT, ours_plan, peer, write_raw  # noqa: E402
+from peer_inference import ROOT, peer, prepare, timed  # noqa: E402
 
 PEER_STEP = """
 import json, sys, time, statistics, torch, numpy as np
@@ -117,31 +114,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="runs/peer_train")
     args = ap.parse_args()
-    if not (PEER_VENV / "bin" / "python").exists():
-        raise SystemExit(f"{PEER_VENV} missing: run benchmarks/peer_inference.py --setup first")
     out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    data = Path(args.data).resolve()
-    raw, pre, res = out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res)}
-    write_raw(data, args.cases, raw, out / "images")
-    peer(PEER_PLAN, env=env)
-    theirs_plan = json.loads(peer(PEER_MODEL, str(pre / DATASET), str(res / "model"), env=env).strip().splitlines()[-1])
-    ours = ours_plan(data, args.cases, out / "ours", out / "msd")
-    same = list(theirs_plan["patch"]) == list(ours["patch_size"]) and theirs_plan["features"] == ours["filters"]
+    env, pre, _model, _plan, same, _names = prepare(Path(args.data).resolve(), args.cases, out)
     theirs = json.loads(
-        peer(PEER_STEP, str(pre / DATASET), str(args.batch), str(args.warmup), str(args.steps), env=env)
-        .strip()
-        .splitlines()[-1]
+        peer(PEER_STEP, str(pre), str(args.batch), str(args.warmup), str(args.steps), env=env).strip().splitlines()[-1]
     )
     rows = {"nnU-Net v2 (fp32)": theirs}
     for amp in ("fp32", "bf16"):
         cmd = [sys.executable, "-c", OURS_STEP, str(ROOT / "apps" / "unet_seg"), str(out / "ours" / "model")]
         cmd += [str(theirs["batch"]), str(args.warmup), str(args.steps), amp, json.dumps(theirs["patch"])]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if r.returncode != 0:
-            raise SystemExit(r.stderr[-4000:])
-        rows[f"unet_seg {amp}"] = json.loads(r.stdout.strip().splitlines()[-1])
+        _, text = timed(cmd)
+        rows[f"unet_seg {amp}"] = json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
     ref = theirs["step_s"]
     print(f"\npatch {theirs['patch']}, batch {theirs['batch']}, same topology: {same}; median of {args.steps} steps")
     print("| tool | step s | ratio to nnU-Net |")

@@ -32,7 +32,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "apps" / "unet_seg"))
 
-from lib.serverproc import running_server  # noqa: E402
+from lib.serverproc import running_server, sample_conf  # noqa: E402
 
 
 def wait_job(url: str, timeout: float = 3600) -> dict:
@@ -66,15 +66,9 @@ def main() -> None:
     for path in sorted((Path(args.data) / "imagesTr").glob("*.nii.gz"))[: args.studies]:
         shutil.copy(path, studies / path.name)
     ids = sorted(p.name[: -len(".nii.gz")] for p in studies.glob("*.nii.gz"))
-    conf = {
-        "models": "unet3d",
-        "preset": "small",
-        "roi_size": "40,56,40",
-        "tracking": "none",
-        "auto_retrain_after": "0",
-        "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
-        "model_dir": str(out / "model"),
-    }
+    conf = sample_conf(
+        model_dir=str(out / "model"),
+    )
     rows = []
     with running_server(studies, conf, out / "server.log") as srv:  # automatic re-scoring off (LabelServer)
         infer_s(srv.url, ids[0])  # warm

@@ -4,6 +4,8 @@
 #
 #   bash scripts/browser.sh install     # the Debian packages chromium + chromium-driver (needs root; once)
 set -euo pipefail
+# shellcheck source=scripts/apt.sh
+. "$(dirname "$0")/apt.sh"
 
 cmd="${1:-}"
 
@@ -11,11 +13,7 @@ install() {
     if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
         return 0
     fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || {
-        apt-get update -q >/dev/null
-        apt-get install -y -q chromium chromium-driver >/dev/null
-    }
+    apt_install chromium chromium-driver
 }
 
 case "$cmd" in

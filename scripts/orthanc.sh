@@ -9,6 +9,8 @@
 # Environment: ORTHANC_USER / ORTHANC_PASSWORD turn on HTTP basic auth (both or neither).
 # DICOMweb is then at http://127.0.0.1:PORT/dicom-web (default PORT 8042).
 set -euo pipefail
+# shellcheck source=scripts/apt.sh
+. "$(dirname "$0")/apt.sh"
 
 cmd="${1:-}"
 plugin=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
@@ -17,11 +19,7 @@ install() {
     if command -v Orthanc >/dev/null && [ -f "$plugin" ]; then
         return 0
     fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q orthanc orthanc-dicomweb >/dev/null 2>&1 || {
-        apt-get update -q >/dev/null
-        apt-get install -y -q orthanc orthanc-dicomweb >/dev/null
-    }
+    apt_install orthanc orthanc-dicomweb
     # the package tries to start a system service; this script runs its own instance instead
 }
 

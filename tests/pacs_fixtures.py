@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.serverproc import LabelServer, free_port, running_server
+from lib.serverproc import LabelServer, free_port, running_server, sample_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,17 +63,11 @@ OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:
 @pytest.fixture(scope="module")
 def pacs_server(pacs: str, loaded: list[dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelServer]:
     base = tmp_path_factory.mktemp("pacs_server")
-    conf = {
-        "models": "unet3d",
-        "preset": "small",
-        "roi_size": "40,56,40",
-        "tracking": "none",
-        "auto_retrain_after": "0",
-        "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
-        "model_dir": str(base / "model"),
-        "dicomweb_timeout": "5",
-        "dicomweb_listing_s": "1",  # series stored by a test are listed a second later
-    }
+    conf = sample_conf(
+        model_dir=str(base / "model"),
+        dicomweb_timeout="5",
+        dicomweb_listing_s="1",  # series stored by a test are listed a second later
+    )
     t = time.perf_counter()
     env = {**OFFLINE, "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(base / "cache")}
     with running_server(pacs, conf, base / "server.log", env=env) as srv:  # any download attempt would fail

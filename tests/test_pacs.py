@@ -95,6 +95,17 @@ def test_sheared_or_nan_volumes_cannot_become_series() -> None:
 # ---- the server on the PACS ------------------------------------------------------------------------
 
 
+def submit_final(server: Server, image: str, path: Path) -> requests.Response:
+    """``PUT /datastore/label`` of ``path`` as series ``image``'s final label."""
+    with open(path, "rb") as f:
+        return requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": image, "tag": "final"},
+            files={"label": (path.name, f)},
+            timeout=120,
+        )
+
+
 def pacs_url(server: Server) -> str:
     return str(server.studies)
 
@@ -295,13 +306,7 @@ def test_submitted_label_is_stored_in_the_pacs_as_seg(
     (tmp_path / "label.nii.gz").write_bytes(r.content)  # the clinician's corrected label, in the series' geometry
     label = np.asanyarray(nib.load(tmp_path / "label.nii.gz").dataobj)
     t = time.perf_counter()
-    with open(tmp_path / "label.nii.gz", "rb") as f:
-        put = requests.put(
-            f"{pacs_server.url}/datastore/label",
-            params={"image": entry["series"], "tag": "final"},
-            files={"label": ("label.nii.gz", f)},
-            timeout=120,
-        )
+    put = submit_final(pacs_server, entry["series"], tmp_path / "label.nii.gz")
     print(f"submit as SEG: {time.perf_counter() - t:.2f} s")
     assert put.status_code == 200, put.text[:500]
     segs = requests.get(f"{pacs}/studies/{entry['study']}/series", params={"Modality": "SEG"}, timeout=30).json()
@@ -317,13 +322,7 @@ def test_submitted_label_is_stored_in_the_pacs_as_seg(
     nib.save(
         nib.Nifti1Image((np.asanyarray(bad.dataobj) > 0).astype(np.uint8) * 7, bad.affine), tmp_path / "bad.nii.gz"
     )
-    with open(tmp_path / "bad.nii.gz", "rb") as f:
-        r = requests.put(
-            f"{pacs_server.url}/datastore/label",
-            params={"image": entry["series"], "tag": "final"},
-            files={"label": ("bad.nii.gz", f)},
-            timeout=120,
-        )
+    r = submit_final(pacs_server, entry["series"], tmp_path / "bad.nii.gz")
     assert r.status_code == 422 and "7" in r.text, r.text[:300]
     after = requests.get(f"{pacs}/studies/{entry['study']}/series", params={"Modality": "SEG"}, timeout=30).json()
     assert len(after) == len(segs)
@@ -420,23 +419,11 @@ def test_bad_requests_on_the_pacs_datastore_are_4xx_and_store_nothing(
     before = requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json()
     for name, (label, status, words) in cases.items():
         nib.save(label, tmp_path / name)
-        with open(tmp_path / name, "rb") as f:
-            r = requests.put(
-                f"{pacs_server.url}/datastore/label",
-                params={"image": entry["series"], "tag": "final"},
-                files={"label": (name, f)},
-                timeout=120,
-            )
+        r = submit_final(pacs_server, entry["series"], tmp_path / name)
         assert r.status_code == status and words in r.text, (name, r.status_code, r.text[:300])
     nib.save(nib.Nifti1Image(good, img.affine), tmp_path / "good.nii.gz")
     for image, status in [("1.2.3.4.5.6", 404), ("../../etc/passwd", 422), ("a/b", 422)]:
-        with open(tmp_path / "good.nii.gz", "rb") as f:
-            r = requests.put(
-                f"{pacs_server.url}/datastore/label",
-                params={"image": image, "tag": "final"},
-                files={"label": ("good.nii.gz", f)},
-                timeout=60,
-            )
+        r = submit_final(pacs_server, image, tmp_path / "good.nii.gz")
         assert r.status_code == status, (image, r.status_code, r.text[:300])
         r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": image}, timeout=60)
         assert r.status_code == status, (image, r.status_code, r.text[:300])
@@ -469,15 +456,6 @@ def test_pacs_down_or_slow_is_503_or_504_and_the_server_keeps_serving(
     nib.save(nib.Nifti1Image((np.asanyarray(img.dataobj) > 60).astype(np.uint8), img.affine), label)
     segs_before = requests.get(f"{pacs}/series", params={"Modality": "SEG"}, timeout=30).json()
 
-    def submit() -> requests.Response:
-        with open(label, "rb") as f:
-            return requests.put(
-                f"{pacs_server.url}/datastore/label",
-                params={"image": entry["series"], "tag": "final"},
-                files={"label": ("label.nii.gz", f)},
-                timeout=120,
-            )
-
     pid = int((folder / "orthanc.pid").read_text())
     os.kill(pid, signal.SIGSTOP)  # slow: connections are accepted, nothing answers
     try:
@@ -498,7 +476,7 @@ def test_pacs_down_or_slow_is_503_or_504_and_the_server_keeps_serving(
         r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"]}, timeout=120)
         assert r.status_code == 503 and "unreachable" in r.json()["detail"], r.text[:300]
         assert r.headers.get("retry-after") == "30"
-        assert submit().status_code == 503
+        assert submit_final(pacs_server, entry["series"], label).status_code == 503
         stats = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60)
         assert stats.status_code == 200 and stats.json()["pacs"].startswith("the PACS"), stats.text[:300]  # last counts
         info = requests.get(f"{pacs_server.url}/info/", timeout=30)
@@ -514,7 +492,7 @@ def test_pacs_down_or_slow_is_503_or_504_and_the_server_keeps_serving(
     assert not [p for p in cache if p.name.startswith(".partial-")]
     r = requests.post(f"{pacs_server.url}/infer/unet3d", params={"image": entry["series"]}, timeout=300)
     assert r.status_code == 200, r.text[:300]
-    assert submit().status_code == 200
+    assert submit_final(pacs_server, entry["series"], label).status_code == 200
 
 
 def test_basic_auth_towards_the_pacs_from_a_password_file(

@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from conftest import ROOT, Server, running_server
+from lib.serverproc import sample_conf
 
 SAMPLE = ROOT / "sample" / "studies"
 
@@ -27,15 +28,9 @@ SAMPLE = ROOT / "sample" / "studies"
 def sample_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("preannotate")
     shutil.copytree(SAMPLE, base / "studies")
-    conf = {
-        "models": "unet3d",
-        "preset": "small",
-        "roi_size": "40,56,40",
-        "tracking": "none",
-        "auto_retrain_after": "0",
-        "unet3d.pretrained": str(ROOT / "sample" / "models" / "unet3d_hippocampus_small.pt"),
-        "model_dir": str(base / "model"),
-    }
+    conf = sample_conf(
+        model_dir=str(base / "model"),
+    )
     with running_server(base / "studies", conf, base / "server.log") as srv:
         yield srv
 

@@ -33,6 +33,7 @@ import pytest
 import requests
 
 from conftest import HIPPO_IDS, ROOT, Server, hippo_case, running_server
+from lib.serverproc import sample_conf
 from realm import CLIENT_ID, ROLES, StandInRealm, new_key
 
 sys.path.insert(0, str(ROOT / "slicer_module" / "UNetSeg"))
@@ -41,14 +42,7 @@ from UNetSegLib import UNetSegClient, sha256_of  # noqa: E402
 SLICER_PY = ROOT / ".venv-slicer" / "bin" / "python"
 SESSION = ROOT / "slicer_module" / "UNetSeg" / "Testing" / "Python" / "remote_session.py"
 SAMPLE = ROOT / "sample"
-SAMPLE_CONF = {
-    "models": "unet3d",
-    "preset": "small",
-    "roi_size": "40,56,40",
-    "tracking": "none",
-    "auto_retrain_after": "0",
-    "unet3d.pretrained": str(SAMPLE / "models" / "unet3d_hippocampus_small.pt"),
-}
+SAMPLE_CONF = sample_conf()
 NEXT_STUDY_LIMIT_S = 2.0
 
 

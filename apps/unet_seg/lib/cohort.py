@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .datasets import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 FAILPOINT_ENV = "UNET_SEG_RAY_FAILPOINT"
@@ -59,8 +61,9 @@ class Segmenter:
             return {"error": f"{type(e).__name__}: {detail}"[:500]}
 
 
-def output_path(out_dir: str, name: str, suffix: str = ".nii.gz") -> str:
-    return os.path.join(out_dir, f"{name}{suffix}")
+def finished(out_dir: str, name: str) -> bool:
+    """Whether volume ``name``'s label is already written (in whichever image format the model writes)."""
+    return any(os.path.exists(os.path.join(out_dir, f"{name}{suffix}")) for suffix in IMAGE_SUFFIXES)
 
 
 def loopback_env(address: str) -> None:
@@ -100,7 +103,7 @@ def predict_cohort(
     import ray
 
     os.makedirs(out_dir, exist_ok=True)
-    todo = [c for c in cases if not os.path.exists(output_path(out_dir, c.name))]
+    todo = [c for c in cases if not finished(out_dir, c.name)]
     skipped = [c.name for c in cases if c not in todo]
     report: dict[str, Any] = {"written": [], "skipped": skipped, "failed": {}, "retried": [], "workers": 0}
     if not todo:

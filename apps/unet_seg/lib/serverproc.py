@@ -19,6 +19,21 @@ from typing import Any
 import requests
 
 APP_DIR = Path(__file__).resolve().parents[1]
+SAMPLE_MODEL = APP_DIR.parents[1] / "sample" / "models" / "unet3d_hippocampus_small.pt"
+
+
+def sample_conf(**extra: str) -> dict[str, str]:
+    """The conf that serves the embedded sample UNet3D as ``scripts/run_sample.sh`` does, without tracking or
+    automatic retraining (tests, benchmarks); ``extra`` adds keys such as ``model_dir``."""
+    return {
+        "models": "unet3d",
+        "preset": "small",
+        "roi_size": "40,56,40",
+        "tracking": "none",
+        "auto_retrain_after": "0",
+        "unet3d.pretrained": str(SAMPLE_MODEL),
+        **extra,
+    }
 
 
 def free_port() -> int:

@@ -332,17 +332,20 @@ class Routes:
             path, media_type="application/octet-stream", filename=name, headers={"X-Image-SHA256": digest}
         )
 
-    async def download_image(self, image: str, check_only: bool = False) -> Response:
-        """``GET /datastore/image``: the stored file with its SHA-256 (``check_only``: just size and SHA-256)."""
-        check_id(image)
+    async def _download(self, image: str, tag: str | None, check_only: bool) -> Response:
+        """Image ``image`` (``tag`` None) or its label tagged ``tag``, as stored, with its SHA-256."""
 
         def find() -> str:
             datastore = self.app.datastore()
             if image not in datastore.list_images():
                 raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
-            path = datastore.get_image_uri(image)
+            if tag is None:
+                path, missing = datastore.get_image_uri(image), f"image {image!r} has no single file to send"
+            else:
+                path = datastore.get_label_uri(image, tag) if datastore.get_label_info(image, tag) else ""
+                missing = f"image {image!r} has no label tagged {tag!r}"
             if not path or not os.path.isfile(path):
-                raise HTTPException(status_code=404, detail=f"image {image!r} has no single file to send")
+                raise HTTPException(status_code=404, detail=missing)
             return path
 
         try:
@@ -351,25 +354,13 @@ class Routes:
         except Exception as e:  # noqa: BLE001
             raise http_error(e) from e
 
+    async def download_image(self, image: str, check_only: bool = False) -> Response:
+        """``GET /datastore/image``: the stored file with its SHA-256 (``check_only``: just size and SHA-256)."""
+        return await self._download(check_id(image), None, check_only)
+
     async def download_label(self, label: str, tag: str, check_only: bool = False) -> Response:
         """``GET /datastore/label``: image ``label``'s label tagged ``tag``, with its SHA-256."""
-        check_id(label)
-        check_id(tag, "label tag")
-
-        def find() -> str:
-            datastore = self.app.datastore()
-            if label not in datastore.list_images():
-                raise HTTPException(status_code=404, detail=f"image {label!r} not found in the datastore")
-            path = datastore.get_label_uri(label, tag) if datastore.get_label_info(label, tag) else ""
-            if not path or not os.path.isfile(path):
-                raise HTTPException(status_code=404, detail=f"image {label!r} has no label tagged {tag!r}")
-            return path
-
-        try:
-            path = await run_in_threadpool(find)
-            return await run_in_threadpool(self._file_reply, path, label, check_only)
-        except Exception as e:  # noqa: BLE001
-            raise http_error(e) from e
+        return await self._download(check_id(label), check_id(tag, "label tag"), check_only)
 
     # ---- datastore uploads ----------------------------------------------------------------
     async def add_image(self, request: Request, image: str | None = None, user: User | None = None) -> dict:
