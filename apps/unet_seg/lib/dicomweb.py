@@ -52,7 +52,7 @@ from .conf import AppConf, ConfError
 from .datastore import NoServerPaths, WatcherLock, align_to_image, check_id
 from .dicomseg import label_to_seg, seg_to_label
 from .dicomseries import series_to_volume, volume_to_series
-from .validation import InputError, probe_file, read_voxels
+from .validation import InputError, affine_offset_mm, probe_file, read_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -266,12 +266,14 @@ class SegDICOMWebDatastore(NoServerPaths, WatcherLock, DICOMWebDatastore):
         _, affine = series_to_volume(source)
         img = nib.load(label_filename)
         label = np.asanyarray(img.dataobj)
-        aligned = align_to_image(label, np.asarray(img.affine), affine, atol=self.tolerance_mm)
-        if aligned is None:
-            offset = float(np.abs(np.asarray(img.affine) - affine).max())
-            raise InputError(
-                f"label: its grid lies {offset:.3g} mm from series {image_id}'s (tolerance {self.tolerance_mm} mm)"
-            )
+        aligned = align_to_image(label, np.asarray(img.affine), affine)  # flipped/permuted axes: the series' order
+        if aligned is None:  # same index order, a grid a little off at most (as on the file datastore)
+            offset = affine_offset_mm(np.asarray(img.affine), affine, label.shape)
+            if offset > self.tolerance_mm:
+                raise InputError(
+                    f"label: its grid lies {offset:.3g} mm from series {image_id}'s (tolerance {self.tolerance_mm} mm)"
+                )
+            aligned = label
         label = np.rint(aligned).astype(np.int64)
         description = "unet_seg label" if manual else "unet_seg prediction"
         return label_to_seg(label, source, self.seg_labels, manual=manual, series_description=description)

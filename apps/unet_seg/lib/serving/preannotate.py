@@ -78,6 +78,7 @@ class PreAnnotation:
                 "done": 0,
                 "failed": 0,
                 "skipped": 0,
+                "finished": 0,
                 "started": time.time(),
                 "elapsed_s": 0.0,
                 "per_minute": None,
