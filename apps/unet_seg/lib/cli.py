@@ -37,6 +37,7 @@ from .datasets import Case, DatasetError, label_names, link_studies, load_cases
 MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export", "models")
 MODEL_ACTIONS = ("list", "promote", "rollback", "pin", "unpin")
 APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+logger = logging.getLogger(__name__)
 
 
 class CliError(RuntimeError):
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ADDRESS",
         help="predict: spread the volumes over a Ray cluster ('auto' or HOST:PORT); finished outputs are skipped",
+    )
+    g.add_argument(
+        "--engine",
+        choices=("auto", "app"),
+        default="auto",
+        help="predict: 'auto' takes the fast path (no MONAI import, lib/fastpredict.py) for the volumes and models "
+        "it reproduces exactly, the app's inferer for the rest; 'app' always the app's inferer",
     )
     g.add_argument("--ray_workers", type=int, default=0, help="predict --ray: workers (default: GPUs, else CPUs)")
     g.add_argument("--ray_cpus", type=int, default=1, help="predict --ray: CPUs (torch threads) per CPU worker")
@@ -186,16 +194,19 @@ class Workspace:
             names = label_names(args.data)
             if names:
                 self.conf["labels"] = ",".join(names)
-        self.conf.update(self._conf_from_checkpoint())
+        self.ckpt_meta = self._checkpoint_meta()
+        if self.ckpt_meta is not None:  # the config's own additions (window, preset) come when the app is built
+            self.conf.update(
+                {"labels": json.dumps(self.ckpt_meta.labels), "modalities": str(self.ckpt_meta.in_channels)}
+            )
         self.conf.update(parse_conf(args.conf))
         self._app: Any = None
 
-    def _conf_from_checkpoint(self) -> dict[str, str]:
-        """Conf that makes the config match a given --ckpt (labels, channels, network size, window)."""
+    def _checkpoint_meta(self) -> Any:
+        """The meta of a given --ckpt (checked: readable, of this config), or None."""
         if not self.args.ckpt:
-            return {}
+            return None
         from .checkpoints import CheckpointMeta, MetaError, read_checkpoint
-        from .configs import conf_from_meta
 
         if not os.path.exists(self.args.ckpt):
             raise CliError(f"--ckpt {self.args.ckpt} does not exist")
@@ -205,7 +216,7 @@ class Workspace:
             raise CliError(f"--ckpt {self.args.ckpt}: {e}") from e
         if meta.model != self.args.config:
             raise CliError(f"--ckpt {self.args.ckpt} is a '{meta.model}' model, not '{self.args.config}'")
-        return conf_from_meta(self.args.config, meta)
+        return meta
 
     def infer_task(self) -> Any:
         """The config's inferer; with --ckpt it serves that file instead of the store's serving version."""
@@ -222,6 +233,10 @@ class Workspace:
                 sys.path.insert(0, APP_DIR)
             UNetSegApp = app_module().UNetSegApp
 
+            if self.ckpt_meta is not None:  # conf that makes the config match --ckpt; the user's --conf wins
+                from .configs import conf_from_meta
+
+                self.conf.update({**conf_from_meta(self.args.config, self.ckpt_meta), **parse_conf(self.args.conf)})
             try:
                 self._app = UNetSegApp(APP_DIR, self.studies, self.conf)
             except (ValueError, ConfError) as e:
@@ -366,20 +381,26 @@ def _predict_one(ws: Workspace, case: Case, out_dir: str) -> str:
     return dst
 
 
-def _overlay(ws: Workspace, case: Case, label_path: str) -> str:
+def _overlay(ws: Workspace, case: Case, label_path: str, labels: dict[str, int] | None = None) -> str:
     """plots/<case>_overlay.png: the image's most-labelled slices with the predicted label coloured on top."""
-    from monai.transforms import LoadImage
-
     from .plots import plot_overlay
 
-    loader = LoadImage(image_only=True)
-    image = np.asarray(loader(case.image if isinstance(case.image, str) else case.image[0]))
-    if image.ndim == np.asarray(loader(label_path)).ndim + 1:  # channels last (4D / RGB): show the first
+    def load(path: str) -> np.ndarray:
+        if path.lower().endswith((".nii", ".nii.gz")):  # nibabel's voxel order is MONAI's for NIfTI
+            import nibabel as nib
+
+            return np.asanyarray(nib.load(path).dataobj)
+        from monai.transforms import LoadImage
+
+        return np.asarray(LoadImage(image_only=True)(path))
+
+    image = load(case.image if isinstance(case.image, str) else case.image[0])
+    label = load(label_path)
+    if image.ndim == label.ndim + 1:  # channels last (4D / RGB): show the first
         image = image[..., 0]
-    labels = dict(ws.app().infer_task(ws.args.config).labels)
-    return plot_overlay(
-        image, np.asarray(loader(label_path)), os.path.join(ws.results, "plots", f"{case.name}_overlay.png"), labels
-    )
+    if labels is None:
+        labels = dict(ws.app().infer_task(ws.args.config).labels)
+    return plot_overlay(image, label, os.path.join(ws.results, "plots", f"{case.name}_overlay.png"), labels)
 
 
 def ray_predictor(args: argparse.Namespace) -> Callable[[Case], str]:
@@ -417,6 +438,47 @@ def _predict_on_ray(ws: Workspace, cases: list[Case], out_dir: str) -> dict:
     return report
 
 
+def _fast_model(ws: Workspace) -> Any:
+    """The served model on the fast predict path (``lib.fastpredict``), or None where the app's inferer must run."""
+    from .conf import parse_labels
+    from .fastpredict import Unsupported, load_fast_model
+    from .modelstore import ModelStore
+    from .runtime import resolve_device
+
+    args = ws.args
+    if args.engine != "auto" or args.conf or args.save_probs:
+        return None
+    path = os.path.abspath(args.ckpt) if args.ckpt else None
+    if path is None:
+        rec = ModelStore(ws.model_dir, args.config).serving()
+        path = ModelStore(ws.model_dir, args.config).path(rec.id) if rec else None
+    try:
+        labels = parse_labels(ws.conf["labels"]) if ws.conf.get("labels") else None
+        if path is None or not os.path.exists(path):
+            raise Unsupported("no serving version yet")
+        return load_fast_model(args.config, path, labels, resolve_device(args.device))
+    except Unsupported as e:
+        logger.info(f"predict: the app's inferer serves ({e})")
+        return None
+    except ConfError:
+        return None  # the app says what is wrong with the conf
+
+
+def _predict_fast_or_app(ws: Workspace, fast: Any, case: Case, out_dir: str) -> str:
+    """One case on the fast path where it applies, else through the app's inferer."""
+    from .fastpredict import Unsupported, predict_file
+
+    if fast is not None and isinstance(case.image, str):
+        ext = ".nii.gz" if case.image.lower().endswith(".nii.gz") else os.path.splitext(case.image)[1]
+        try:
+            return predict_file(
+                fast, case.image, os.path.join(out_dir, f"{case.name}{ext}"), infer_request(ws.args, None)
+            )
+        except Unsupported as e:
+            logger.info(f"predict: {case.name} through the app's inferer ({e})")
+    return _predict_one(ws, case, out_dir)
+
+
 def mode_predict(ws: Workspace) -> dict:
     """Label files (original geometry) for every image of the test list (MSD) or images/ folder, with a progress bar."""
     from tqdm import tqdm
@@ -429,16 +491,17 @@ def mode_predict(ws: Workspace) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     if ws.args.ray:
         return _predict_on_ray(ws, cases, out_dir)
-    task = _require_model(ws)
+    fast = _fast_model(ws)
+    task = None if fast is not None else _require_model(ws)
     written = []
     predict_s = 0.0
     for i, case in enumerate(tqdm(cases, desc="predict", unit="image")):
         t = time.perf_counter()
-        written.append(_predict_one(ws, case, out_dir))
+        written.append(_predict_fast_or_app(ws, fast, case, out_dir))
         predict_s += time.perf_counter() - t
         if i == 0:
-            written.append(_overlay(ws, case, written[-1]))
-        if ws.args.save_probs:
+            written.append(_overlay(ws, case, written[-1], dict(fast.meta.labels) if fast is not None else None))
+        if task is not None and ws.args.save_probs:
             written.append(
                 task.save_probabilities(
                     case.image, os.path.join(out_dir, f"{case.name}_probs.nii.gz"), infer_request(ws.args, case.image)

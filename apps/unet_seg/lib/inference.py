@@ -5,17 +5,25 @@ batch ``(B, C, *spatial)``; output is softmax probabilities ``(B, K, *spatial)``
 the input's device. TTA averages the probabilities over every combination of flipped spatial
 axes (2^d passes: 8 in 3D, 4 in 2D). The flips run as a loop: on CPU stacking them into one
 batch measured slower.
+
+The sliding window is our own (``sliding_window``), window for window and weight for weight
+MONAI's ``sliding_window_inference`` with constant padding (``tests/test_fast_inference.py`` holds
+them equal), so that this module, and the command line's predict path, import nothing from MONAI.
+A :class:`~lib.leannet.LeanDynUNet` under a bf16 policy on a CPU runs as a bf16 copy without
+autocast (see that module); any other network runs under the policy's autocast.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
+import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from monai.transforms import KeepLargestConnectedComponent
 
+from .leannet import LeanDynUNet
 from .runtime import AmpPolicy
 
 
@@ -29,6 +37,84 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Per-voxel entropy (nats) of probabilities ``(K, ...)`` over their first axis."""
     p = probs.float().clamp_min(1e-8)
     return -(p * p.log()).sum(0)
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start of every window along one axis of ``size`` (already padded to at least ``roi``), as MONAI places them."""
+    interval = roi if roi == size else max(int(roi * (1 - overlap)), 1)
+    count = next((d + 1 for d in range(math.ceil(size / interval)) if d * interval + roi >= size), 1)
+    return [min(i * interval, size - roi) for i in range(count)]
+
+
+@lru_cache(maxsize=8)
+def importance_map(roi: tuple[int, ...], blend: str, sigma_scale: float) -> torch.Tensor:
+    """Per-voxel weight of a window: a Gaussian of sigma ``sigma_scale * roi`` per axis (floored at 1e-3) or ones."""
+    if blend == "constant":
+        return torch.ones(roi)
+    out: torch.Tensor | None = None
+    for i, n in enumerate(roi):
+        x = torch.arange(-(n - 1) / 2.0, (n - 1) / 2.0 + 1, dtype=torch.float)
+        g = torch.exp(x**2 / (-2 * (n * sigma_scale) ** 2))
+        out = g if out is None else out.unsqueeze(-1) * g[(None,) * i]
+    assert out is not None
+    return out.clamp_(min=max(float(out.min()), 1e-3))
+
+
+def sliding_window(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    overlap: float,
+    blend: str,
+    sigma_scale: float,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Blended logits ``(B, K, *spatial)`` in float32 of ``predictor`` over windows of ``image`` ``(B, C, *spatial)``.
+
+    Axes shorter than the window are zero-padded (half before, the rest after) and cropped back.
+    """
+    roi = tuple(int(r) for r in roi_size)
+    shape = image.shape[2:]
+    pads = [max(r - s, 0) for r, s in zip(roi, shape, strict=True)]
+    if any(pads):
+        flat = [p for d in reversed(range(len(roi))) for p in (pads[d] // 2, pads[d] - pads[d] // 2)]
+        image = torch.nn.functional.pad(image, flat)
+    size = image.shape[2:]
+    starts = list(itertools.product(*(window_starts(n, r, overlap) for n, r in zip(size, roi, strict=True))))
+    windows = [
+        (b, tuple(slice(s, s + r) for s, r in zip(st, roi, strict=True)))
+        for b in range(image.shape[0])
+        for st in starts
+    ]
+    if len(starts) == 1 and not any(s.start for s in windows[0][1]):  # one window covers the volume
+        out = torch.cat(
+            [_logits(predictor(image[i : i + sw_batch_size])) for i in range(0, image.shape[0], sw_batch_size)]
+        )
+    else:
+        weight = importance_map(roi, blend, float(sigma_scale)).to(image.device)
+        out = None
+        count = torch.zeros((1, 1, *size), device=image.device)
+        for st in starts:
+            count[(..., *(slice(s, s + r) for s, r in zip(st, roi, strict=True)))] += weight
+        for i in range(0, len(windows), sw_batch_size):
+            group = windows[i : i + sw_batch_size]
+            logits = _logits(predictor(torch.cat([image[(slice(b, b + 1), slice(None), *sl)] for b, sl in group])))
+            if out is None:
+                out = torch.zeros((image.shape[0], logits.shape[1], *size), device=image.device)
+            for (b, sl), part in zip(group, logits, strict=True):
+                out[(b, slice(None), *sl)] += part * weight
+        assert out is not None
+        out /= count
+    if any(pads):
+        out = out[(..., *(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape, strict=True)))]
+    return out
+
+
+def _logits(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Float32 logits of the full-resolution head (deep-supervision nets return a list in training mode)."""
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return torch.as_tensor(output).float()
 
 
 @torch.no_grad()
@@ -69,23 +155,15 @@ def predict_probabilities(
                 module.train()
     flips = flip_combinations(len(roi_size)) if tta else [()]
     total: torch.Tensor | None = None
+    ctx: Callable[[], object] = amp.autocast if amp is not None else lambda: torch.autocast(device.type, enabled=False)
+    if isinstance(net, LeanDynUNet) and amp is not None and amp.dtype is not None and device.type == "cpu":
+        net, ctx = net.in_dtype(amp.dtype), lambda: torch.autocast(device.type, enabled=False)
     try:
         for axes in flips:
             x = torch.flip(image, axes) if axes else image
-            ctx = amp.autocast() if amp is not None else torch.autocast(device.type, enabled=False)
-            with ctx:
-                logits = sliding_window_inference(
-                    x,
-                    roi_size=tuple(roi_size),
-                    sw_batch_size=sw_batch_size,
-                    predictor=net,
-                    overlap=overlap,
-                    mode=blend,
-                    sigma_scale=sigma_scale,
-                )
-            if isinstance(logits, (list, tuple)):  # deep-supervision nets: first head is full resolution
-                logits = logits[0]
-            probs = torch.softmax(torch.as_tensor(logits).float(), dim=1)
+            with ctx():  # type: ignore[attr-defined]
+                logits = sliding_window(net, x, roi_size, overlap, blend, sigma_scale, sw_batch_size)
+            probs = torch.softmax(logits, dim=1)
             if axes:
                 probs = torch.flip(probs, axes)
             total = probs if total is None else total + probs
@@ -130,8 +208,22 @@ def predict_volume(
 
 
 def largest_component(label: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
-    """Keep only the largest connected component of each of ``values`` in an integer label map (no channel axis)."""
+    """Keep only the largest connected component of each of ``values`` in an integer label map (no channel axis).
+
+    Components connect through faces, edges and corners (MONAI's KeepLargestConnectedComponent with
+    full connectivity, ``independent=True``); the voxels of smaller components become background.
+    """
     if not values:
         return label
-    keep = KeepLargestConnectedComponent(applied_labels=list(values), is_onehot=False, independent=True)
-    return torch.as_tensor(keep(label[None]))[0].to(label.dtype)
+    from scipy import ndimage
+
+    arr = label.cpu().numpy()
+    out = arr.copy()
+    structure = ndimage.generate_binary_structure(arr.ndim, arr.ndim)
+    for value in values:
+        components, count = ndimage.label(arr == value, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[(components != 0) & (components != int(sizes.argmax()))] = 0
+    return torch.from_numpy(out).to(label.device)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 PathLike = str | os.PathLike
 
@@ -512,6 +513,31 @@ def estimate_feature_map_voxels(
 
 PLAN_VERSION = 1
 """Schema version of :class:`Plan`'s JSON form. Plans saved before the field existed have version 1's layout."""
+
+
+def normalize_by_plan(image: torch.Tensor, schemes: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    """A float32 copy of a channel-first image normalised per channel as a plan says (see ``Plan.normalization``).
+
+    ``{"scheme": "ct", "clip_min": lo, "clip_max": hi, "mean": m, "std": s}``: clip to the dataset's foreground
+    0.5/99.5 percentiles, then z-score with the dataset's foreground statistics.
+    ``{"scheme": "zscore", "use_nonzero_mask": bool}``: per-image z-score (over non-zero voxels
+    when the plan says so; voxels outside stay 0).
+    """
+    out = image.to(torch.float32).clone()
+    for c, scheme in enumerate(schemes):
+        x = out[c]
+        if scheme.get("scheme") == "ct":
+            lo, hi = scheme["clip_min"], scheme["clip_max"]
+            x = x.clamp(float(lo), float(hi))
+            out[c] = (x - float(scheme["mean"])) / max(float(scheme["std"]), 1e-8)
+        elif scheme.get("use_nonzero_mask"):
+            mask = x != 0
+            if mask.any():
+                vals = x[mask]
+                out[c] = torch.where(mask, (x - vals.mean()) / vals.std().clamp_min(1e-8), torch.zeros_like(x))
+        else:
+            out[c] = (x - x.mean()) / x.std().clamp_min(1e-8)
+    return out
 
 
 @dataclass(kw_only=True)

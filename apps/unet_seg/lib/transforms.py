@@ -41,6 +41,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from .planning import normalize_by_plan  # noqa: E402
 from .validation import InputError, check_dtype, check_finite, check_image  # noqa: E402  (InputError re-exported)
 
 
@@ -315,20 +316,7 @@ class NormalizeFromPland(MapTransform):
                     f"{key} {_source(data, key)}: the plan normalises {len(self.schemes)} channel(s), "
                     f"got {img.shape[0]}"
                 )
-            out = torch.as_tensor(img, dtype=torch.float32).clone()
-            for c, scheme in enumerate(self.schemes):
-                x = out[c]
-                if scheme.get("scheme") == "ct":
-                    lo, hi = scheme["clip_min"], scheme["clip_max"]
-                    x = x.clamp(float(lo), float(hi))
-                    out[c] = (x - float(scheme["mean"])) / max(float(scheme["std"]), 1e-8)
-                elif scheme.get("use_nonzero_mask"):
-                    mask = x != 0
-                    if mask.any():
-                        vals = x[mask]
-                        out[c] = torch.where(mask, (x - vals.mean()) / vals.std().clamp_min(1e-8), torch.zeros_like(x))
-                else:
-                    out[c] = (x - x.mean()) / x.std().clamp_min(1e-8)
+            out = normalize_by_plan(torch.as_tensor(img, dtype=torch.float32), self.schemes)
             d[key] = (
                 MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
                 if isinstance(img, MetaTensor)

@@ -32,6 +32,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from ..checkpoints import CheckpointMeta, incompatibility, read_checkpoint
 from ..conf import ConfError, parse_bool, parse_float, parse_int, parse_size
 from ..inference import entropy, largest_component, predict_volume
+from ..leannet import LeanDynUNet
 from ..modelstore import ModelStore
 from ..runtime import resolve_amp, resolve_device
 
@@ -165,19 +166,21 @@ class SegInferTask(BasicInferTask):
         return self.spec_class.from_dict(dict(meta.spec)).divisor
 
     def load_network(
-        self, device: torch.device, path: str | None = None, dropout: float | None = None
+        self, device: torch.device, path: str | None = None, dropout: float | None = None, lean: bool = False
     ) -> tuple[torch.nn.Module, CheckpointMeta]:
         """A served network on ``device`` (the serving version unless ``path``), reloaded when its file changes.
 
         ``dropout`` rebuilds it with that dropout rate (same weights: dropout layers hold none), for
-        Monte-Carlo dropout on a model trained with a different rate.
+        Monte-Carlo dropout on a model trained with a different rate. ``lean`` gives the inference-only
+        :class:`~lib.leannet.LeanDynUNet` twin where the network is a plain DynUNet (the same output,
+        faster; no dropout, no training), else the network itself.
         """
         if path is None:
             path, _, _ = self._candidate()
         if not path:
             raise ModelNotReady(self.not_ready_reason())
         key = (path, os.stat(path).st_mtime_ns)
-        cache_key = f"{device}|{path}|{dropout}"
+        cache_key = f"{device}|{path}|{dropout}|{lean}"
         with self._lock:
             cached = self._loaded.get(cache_key)
             if cached and cached[0] == key:
@@ -189,6 +192,8 @@ class SegInferTask(BasicInferTask):
                 build_meta = dataclasses.replace(meta, spec={**meta.spec, "dropout": float(dropout)})
             net = self.build_network(build_meta)
             net.load_state_dict(state, strict=True)
+            if lean and dropout is None and LeanDynUNet.supports(meta.spec):
+                net = LeanDynUNet.from_spec(meta.spec, net.state_dict())
             net.to(device).eval()
             self._loaded[cache_key] = (key, net, meta)
             logger.info(
@@ -285,10 +290,10 @@ class SegInferTask(BasicInferTask):
     ) -> tuple[torch.Tensor, dict, dict[str, Any]]:
         """Softmax probabilities ``(1, K, ...)`` of the pre-processed image (ensemble summed), the serving meta,
         run info."""
-        net, meta = self.load_network(dev)
+        net, meta = self.load_network(dev, lean=True)
         members = [(net, meta)]
         if parse_bool(data.get("ensemble", False), "ensemble"):
-            members = [self.load_network(dev, path) for path in self.ensemble_members()] or members
+            members = [self.load_network(dev, path, lean=True) for path in self.ensemble_members()] or members
         tta = parse_bool(data.get("tta", False), "tta")
         image, engine = self._engine_inputs(data, meta, dev, default_overlap=0.5)
         probs = None
