@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .conf import ConfError
-from .configs import CONFIG_NAMES
+from .recipes import CONFIG_NAMES
 from .datasets import Case, DatasetError, label_names, link_studies, load_cases
 
 MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export", "models")

@@ -114,11 +114,19 @@ def _foreground_box(x: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapping[str, Any]) -> str:
-    """Segment one NIfTI file into ``out_path`` (written under a temporary name, then renamed); returns it.
+@dataclass
+class Prepared:
+    """A pre-processed volume ``(C, *spatial)`` and what maps a label back to the file's voxel grid."""
 
-    ``request`` holds the inference options of an /infer request: tta, overlap, blend, amp, device.
-    """
+    image: torch.Tensor
+    affine: np.ndarray  # the file's
+    shape: tuple[int, ...]  # after reorientation, before cropping
+    box: tuple[slice, ...]  # the crop inside ``shape``
+    back: np.ndarray | None  # nibabel orientation transform back to the file's axes
+
+
+def prepare(model: FastModel, image_path: str) -> Prepared:
+    """Load, check and pre-process one NIfTI file as the app's pre-transforms would, or :class:`Unsupported`."""
     import nibabel as nib
 
     if not isinstance(image_path, str) or not image_path.lower().endswith((".nii", ".nii.gz")):
@@ -132,13 +140,15 @@ def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapp
         raise Unsupported(f"image needs the app's checks: {e}") from e
     if arr.ndim != 3:
         raise Unsupported("not a 3-D single-channel volume")
+    original = affine
     data = np.asarray(arr, dtype=np.float32)
-    source, ras = nib.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S"))
-    ornt = None
+    back = None
     if model.config == "unet3d":  # the app reorients to RAS (unet3d.orientation's default)
+        source, ras = nib.io_orientation(affine), nib.orientations.axcodes2ornt(("R", "A", "S"))
         ornt = nib.orientations.ornt_transform(source, ras)
         data = nib.orientations.apply_orientation(data, ornt)
         affine = affine @ nib.orientations.inv_ornt_aff(ornt, arr.shape)
+        back = nib.orientations.ornt_transform(ras, source)
     x = data[None]
     box: tuple[slice, ...] = tuple(slice(0, n) for n in data.shape)
     if model.plan is not None:
@@ -148,14 +158,36 @@ def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapp
         if not np.allclose(spacing, model.plan.target_spacing, rtol=0, atol=1e-5):
             raise Unsupported(f"spacing {spacing.round(4).tolist()} needs resampling")
     image = torch.from_numpy(np.ascontiguousarray(x))
-    if model.plan is not None:
-        image = normalize_by_plan(image, model.plan.normalization)
-    else:
-        image = _zscore_nonzero(image)
+    image = normalize_by_plan(image, model.plan.normalization) if model.plan is not None else _zscore_nonzero(image)
+    return Prepared(image, original, tuple(data.shape), box, back)
+
+
+def restore(model: FastModel, prepared: Prepared, probs: torch.Tensor) -> np.ndarray:
+    """The label (uint8, the file's voxel grid) of probabilities ``(K, ...)`` on a prepared volume, post-processed."""
+    import nibabel as nib
+
+    label = torch.argmax(probs, dim=0).to(torch.uint8)
+    keep = list((model.meta.postprocessing or {}).get("largest_component", []))
+    label = largest_component(label, [model.meta.labels[n] for n in keep if n in model.meta.labels])
+    full = np.zeros(prepared.shape, dtype=np.uint8)
+    full[prepared.box] = label.cpu().numpy()
+    if prepared.back is not None:
+        full = nib.orientations.apply_orientation(full, prepared.back)
+    return full
+
+
+def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapping[str, Any]) -> str:
+    """Segment one NIfTI file into ``out_path`` (written under a temporary name, then renamed); returns it.
+
+    ``request`` holds the inference options of an /infer request: tta, overlap, blend, amp, device.
+    """
+    import nibabel as nib
+
+    prepared = prepare(model, image_path)
     device = resolve_device(request.get("device"))
     probs = predict_volume(
         model.net,
-        image[None],
+        prepared.image[None],
         model.meta.roi_size,
         tta=bool(request.get("tta", False)),
         overlap=float(request.get("overlap", 0.5)),
@@ -163,17 +195,11 @@ def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapp
         amp=resolve_amp(request.get("amp", True), device),
         device=device,
     )
-    label = torch.argmax(probs[0], dim=0).to(torch.uint8)
-    keep = list((model.meta.postprocessing or {}).get("largest_component", []))
-    label = largest_component(label, [model.meta.labels[n] for n in keep if n in model.meta.labels]).cpu().numpy()
-    full = np.zeros(data.shape, dtype=np.uint8)
-    full[box] = label
-    if ornt is not None:
-        full = nib.orientations.apply_orientation(full, nib.orientations.ornt_transform(ras, source))
+    full = restore(model, prepared, probs[0])
     ext = ".nii.gz" if image_path.lower().endswith(".nii.gz") else ".nii"
     tmp = out_path + ".part" + ext
     try:
-        nib.save(nib.Nifti1Image(full, np.asarray(img.affine, dtype=np.float64)), tmp)
+        nib.save(nib.Nifti1Image(full, prepared.affine), tmp)
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):

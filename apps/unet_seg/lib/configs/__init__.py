@@ -14,12 +14,9 @@ from monailabel.interfaces.config import TaskConfig
 from ..checkpoints import CheckpointMeta, MetaError
 from ..conf import AppConf, ConfError
 from ..modelstore import ModelStore
-from ..recipes import LIFECYCLE
+from ..recipes import CONFIG_NAMES, LIFECYCLE  # noqa: F401  (CONFIG_NAMES re-exported)
 
 logger = logging.getLogger(__name__)
-
-# Config names the app knows, in the order /info lists them. A name maps to lib/configs/<name>.py.
-CONFIG_NAMES: tuple[str, ...] = ("unet2d", "unet3d", "nnunet", "nnunet2d")
 
 
 def load_config_class(name: str) -> type[TaskConfig]:
