@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from .conf import ConfError
-from .recipes import CONFIG_NAMES
 from .datasets import Case, DatasetError, label_names, link_studies, load_cases
+from .recipes import CONFIG_NAMES
 
 MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export", "models")
 MODEL_ACTIONS = ("list", "promote", "rollback", "pin", "unpin")
@@ -406,9 +406,11 @@ def _overlay(ws: Workspace, case: Case, label_path: str, labels: dict[str, int] 
 def ray_predictor(args: argparse.Namespace) -> Callable[[Case], str]:
     """Run in each Ray worker: this process's model, then ``case -> written label path``."""
     ws = Workspace(args)
-    _require_model(ws)
+    fast = _fast_model(ws)
+    if fast is None:
+        _require_model(ws)
     out_dir = os.path.join(ws.results, "predictions")
-    return functools.partial(_predict_one, ws, out_dir=out_dir)
+    return functools.partial(_predict_fast_or_app, ws, fast, out_dir=out_dir)
 
 
 def _predict_on_ray(ws: Workspace, cases: list[Case], out_dir: str) -> dict:
@@ -416,7 +418,8 @@ def _predict_on_ray(ws: Workspace, cases: list[Case], out_dir: str) -> dict:
 
     if ws.args.save_probs:
         raise CliError("--save_probs is not available with --ray")
-    _require_model(ws)  # a missing model is said here, not by every worker
+    if _fast_model(ws) is None:
+        _require_model(ws)  # a missing model is said here, not by every worker
     report = predict_cohort(
         cases,
         out_dir,
