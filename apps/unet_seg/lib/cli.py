@@ -137,7 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first")
     g.add_argument("--bench_steps", type=int, default=10, help="timed steps")
     g = p.add_argument_group("export")
-    g.add_argument("--formats", default="torchscript,onnx", help="comma list: torchscript, onnx")
+    g.add_argument(
+        "--formats",
+        "--format",
+        dest="formats",
+        default="torchscript,onnx",
+        help="comma list: torchscript, onnx, bundle (a MONAI bundle: RESULTS/export/<config>_bundle)",
+    )
+    g.add_argument("--bundle_dir", default=None, help="bundle: write it here instead of RESULTS/export/<config>_bundle")
+    g.add_argument("--overwrite", action="store_true", help="bundle: replace an existing bundle folder")
     g.add_argument(
         "--tolerance", type=float, default=1e-3, help="max abs difference allowed between exported and PyTorch outputs"
     )
@@ -599,12 +607,23 @@ def mode_benchmark(ws: Workspace) -> dict:
 
 
 def mode_export(ws: Workspace) -> dict:
-    """TorchScript and ONNX files of the served network, each checked against PyTorch."""
-    from .export import export_model
+    """TorchScript and ONNX files of the served network, each checked against PyTorch, and/or a MONAI bundle."""
+    from .bundle import BundleError
+    from .export import export_model, parse_formats
 
+    formats = parse_formats(ws.args.formats)
     task = _require_model(ws)
-    formats = [f.strip() for f in ws.args.formats.split(",") if f.strip()]
-    result = export_model(task, os.path.join(ws.results, "export"), formats, ws.args.tolerance)
+    try:
+        result = export_model(
+            task,
+            os.path.join(ws.results, "export"),
+            formats,
+            ws.args.tolerance,
+            overwrite=ws.args.overwrite,
+            bundle_dir=ws.args.bundle_dir,
+        )
+    except (BundleError, FileExistsError) as e:
+        raise CliError(str(e)) from e
     print(json.dumps(result, indent=2))
     return result
 

@@ -3,6 +3,9 @@
 The exported graph takes ``(B, C, *window)`` and returns logits ``(B, K, *window)`` (the first,
 full-resolution head for deep-supervision networks: they are exported in eval mode). Sliding
 window, TTA and the inverse geometry stay outside the graph (they are the engine's job).
+
+``bundle`` writes a MONAI bundle instead (network, pre/post-processing, sliding window, inverse
+geometry; see ``lib.bundle``) into ``<out_dir>/<model>_bundle`` or ``bundle_dir``.
 """
 
 from __future__ import annotations
@@ -14,12 +17,35 @@ from typing import Any
 import numpy as np
 import torch
 
+FORMATS = ("torchscript", "onnx", "bundle")
 
-def export_model(task: Any, out_dir: str, formats: list[str], tolerance: float) -> dict[str, Any]:
-    """Write ``<model>.ts`` / ``<model>.onnx`` into ``out_dir``; returns paths and max abs differences."""
-    unknown = sorted(set(formats) - {"torchscript", "onnx"})
-    if unknown:
-        raise ValueError(f"--formats: unknown {unknown}; use torchscript, onnx")
+
+def parse_formats(text: str) -> list[str]:
+    """The comma list of ``--formats`` (``--format``); ValueError naming the unknown ones."""
+    formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"--formats: unknown {unknown or [text]}; use {', '.join(FORMATS)} (comma list)")
+    return formats
+
+
+def export_model(
+    task: Any,
+    out_dir: str,
+    formats: list[str],
+    tolerance: float,
+    overwrite: bool = False,
+    bundle_dir: str | None = None,
+) -> dict[str, Any]:
+    """Write ``<model>.ts`` / ``<model>.onnx`` / a MONAI bundle into ``out_dir``; returns paths and max abs
+    differences. An existing bundle folder is replaced only with ``overwrite``."""
+    formats = parse_formats(",".join(formats))
+    bundle: dict[str, Any] | None = None
+    if "bundle" in formats:  # first: it refuses an existing folder before anything is written
+        from .bundle import export_bundle
+
+        target = bundle_dir or os.path.join(out_dir, f"{task.model_name}_bundle")
+        bundle = export_bundle(task, target, tolerance, overwrite=overwrite)
     device = torch.device("cpu")
     net, meta = task.load_network(device)
     net = net.eval()
@@ -32,7 +58,7 @@ def export_model(task: Any, out_dir: str, formats: list[str], tolerance: float) 
         "version": meta.version,
         "input_shape": list(x.shape),
         "tolerance": tolerance,
-        "exports": {},
+        "exports": {"bundle": bundle} if bundle else {},
     }
     if "torchscript" in formats:
         path = os.path.join(out_dir, f"{task.model_name}.ts")

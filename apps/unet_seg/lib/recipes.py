@@ -45,6 +45,7 @@ def _fixed(default: Any) -> Any:
 # Config names the app knows, in the order /info lists them. A name maps to lib/configs/<name>.py.
 CONFIG_NAMES: tuple[str, ...] = ("unet2d", "unet3d", "nnunet", "nnunet2d")
 
+
 @dataclass(frozen=True)
 class UNet3DRecipe:
     """NVIDIA UNet_3D_Medical (3D U-Net with the No New-Net changes); fits the embedded MSD hippocampus sample."""
