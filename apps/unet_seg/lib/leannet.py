@@ -11,8 +11,8 @@ quarter more than its convolutions do (measured in ``benchmarks/peer_inference.p
   kernel);
 * oneDNN's 3-D convolutions run 10-40% faster on channels-last (NDHWC) tensors, but instance
   norm in MONAI's form (a reshape to one "batch" of B*C channels) copies them back to
-  channels-first; here a one-sample batch is normalised by ``batch_norm`` with batch statistics,
-  which is the same arithmetic and keeps channels-last;
+  channels-first; here it is a group norm with one channel per group, the same arithmetic,
+  whose CPU kernel works on channels-last tensors in place;
 * the deep-supervision heads are computed in eval mode too and thrown away; here they are not.
 
 The module loads a DynUNet state dict (the checkpoint's own keys) and reproduces its eval-mode
@@ -89,7 +89,12 @@ class LeanDynUNet(torch.nn.Module):
 
     @staticmethod
     def supports(spec: Mapping[str, Any]) -> bool:
-        """Whether a stored spec describes a plain DynUNet (an nnU-Net plan's or a UNet3D preset's)."""
+        """Whether a stored spec describes a plain DynUNet (an nnU-Net plan's or a UNet3D preset's).
+
+        Specs with a ``kind`` (models imported from nnU-Net v2: fold ensembles, nnU-Net's decoder kernels) are not.
+        """
+        if "kind" in spec:
+            return False
         return "kernels" in spec or {"levels", "base_filters", "max_filters"} <= set(spec)
 
     @classmethod
@@ -114,12 +119,9 @@ class LeanDynUNet(torch.nn.Module):
         return copies[dtype]
 
     def _norm_act(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Instance norm (affine) + LeakyReLU in place; per sample as a batch-statistics batch norm."""
-        if x.shape[0] == 1:
-            x = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        else:
-            x = torch.cat([F.batch_norm(s, None, None, weight, bias, True, 0.0, self.eps) for s in x.split(1)])
-        return F.leaky_relu_(x, self.slope)
+        """Instance norm (affine) + LeakyReLU in place: a group norm with one channel per group, which has a
+        channels-last kernel (statistics accumulated in fp32 for bf16 input)."""
+        return F.leaky_relu_(F.group_norm(x, x.shape[1], weight, bias, self.eps), self.slope)
 
     def _run_block(self, x: torch.Tensor, params: torch.nn.ParameterList, stride: Sequence[int], kernel: Sequence[int]):
         w1, g1, b1, w2, g2, b2 = params
