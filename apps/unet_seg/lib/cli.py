@@ -32,7 +32,7 @@ import torch
 
 from .conf import ConfError
 from .datasets import Case, DatasetError, label_names, link_studies, load_cases
-from .recipes import CONFIG_NAMES
+from .recipes import CONFIG_NAMES, RECIPES
 
 MODES = ("plan", "train", "evaluate", "predict", "benchmark", "export", "models")
 MODEL_ACTIONS = ("list", "promote", "rollback", "pin", "unpin")
@@ -464,7 +464,7 @@ def _fast_model(ws: Workspace) -> Any:
         rec = ModelStore(ws.model_dir, args.config).serving()
         path = ModelStore(ws.model_dir, args.config).path(rec.id) if rec else None
     try:
-        labels = parse_labels(ws.conf["labels"]) if ws.conf.get("labels") else None
+        labels = parse_labels(ws.conf.get("labels") or RECIPES[args.config].labels)  # the app's rule
         if path is None or not os.path.exists(path):
             raise Unsupported("no serving version yet")
         return load_fast_model(args.config, path, labels, resolve_device(args.device))

@@ -4,8 +4,8 @@
 common case this module does the same work with nibabel, torch and our own engine:
 
 * the model is the store's serving version (or ``--ckpt``) of ``unet3d`` or the 3-D ``nnunet``, a
-  plain DynUNet served by :class:`~lib.leannet.LeanDynUNet`, with one input channel and the label
-  names the data's ``dataset.json`` gives (what the app would check);
+  plain DynUNet served by :class:`~lib.leannet.LeanDynUNet`, with one input channel and the labels
+  the app would be configured with (the data's ``dataset.json``, ``--ckpt``'s, or the recipe's default);
 * the image is one 3-D NIfTI file that passes the app's image checks;
 * pre-processing needs no resampling: unet3d reorients to RAS (nibabel's orientation
   transform, as MONAI's ``Orientationd``) and z-scores non-zero voxels per channel (MONAI's
@@ -58,10 +58,10 @@ class FastModel:
     plan: Plan | None
 
 
-def load_fast_model(config: str, path: str, labels: Mapping[str, int] | None, device: torch.device) -> FastModel:
+def load_fast_model(config: str, path: str, labels: Mapping[str, int], device: torch.device) -> FastModel:
     """The model file ``path`` of ``config`` for the fast path, or :class:`Unsupported`.
 
-    ``labels`` are the labels (name -> value) the app would be configured with (None: unknown, so the app decides).
+    ``labels`` are the labels (name -> value) the app would be configured with: the model must have them.
     """
     if config not in FAST_CONFIGS:
         raise Unsupported(f"config {config} has no fast path")
@@ -76,7 +76,7 @@ def load_fast_model(config: str, path: str, labels: Mapping[str, int] | None, de
         or dict(meta.labels) != dict(labels)
         or sorted(labels.values()) != list(range(1, len(labels) + 1))
     ):
-        raise Unsupported("labels not given by the data or different from the model's")
+        raise Unsupported("the configured labels are not the model's")
     if not LeanDynUNet.supports(meta.spec):
         raise Unsupported("not a plain DynUNet")
     plan = None
