@@ -93,7 +93,17 @@ print("PREDICT_S", time.perf_counter() - t1, "SETUP_S", t1 - t0)
 
 
 def setup() -> None:
-    """The peer venv: nnU-Net v2 from PyPI, torch shared with .venv (a .pth line; nothing else of .venv wins)."""
+    """The peer venv: nnU-Net v2 from PyPI, torch shared with .venv (a .pth line; nothing else of .venv wins).
+
+    Nothing to do when the venv already imports that nnU-Net version and torch.
+    """
+    probe = "import torch, nnunetv2, importlib.metadata as m; print(m.version('nnunetv2'))"  # torch: the .pth line
+    check = [str(PEER_VENV / "bin" / "python"), "-c", probe]
+    if (PEER_VENV / "bin" / "python").exists():
+        have = subprocess.run(check, capture_output=True, text=True)
+        if have.returncode == 0 and have.stdout.strip() == NNUNET_VERSION:
+            print(f"nnU-Net v2 {NNUNET_VERSION} in {PEER_VENV} (already there)")
+            return
     if not (PEER_VENV / "bin" / "python").exists():
         subprocess.run([shutil.which("python3.11") or "python3", "-m", "venv", str(PEER_VENV)], check=True)
     site = next((PEER_VENV / "lib").glob("python3*/site-packages"))

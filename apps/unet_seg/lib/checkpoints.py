@@ -12,7 +12,9 @@ on reading; meta from a newer schema is refused.
 
 from __future__ import annotations
 
+import os
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -187,6 +189,18 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MetaError("the checkpoint's 'model' entry is not a state dict of tensors")
     return dict(state), dict(ckpt.get("meta") or {})
+
+
+def is_nnunet_source(path: str) -> bool:
+    """True for a folder or a zip archive that is not a torch file: what ``pretrained`` and ``--ckpt`` read as an
+    nnU-Net v2 results folder or export zip (``lib.nnunetv2``). unet_seg's model files are torch archives (zip
+    files holding ``data.pkl``) or legacy pickles."""
+    if os.path.isdir(path):
+        return True
+    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return not any(n.endswith("data.pkl") for n in zf.namelist())
 
 
 def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: CheckpointMeta) -> None:

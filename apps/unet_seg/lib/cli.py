@@ -218,6 +218,7 @@ class Workspace:
 
         if not os.path.exists(self.args.ckpt):
             raise CliError(f"--ckpt {self.args.ckpt} does not exist")
+        self._import_nnunet()
         try:
             meta = CheckpointMeta.from_dict(read_checkpoint(self.args.ckpt)[1])
         except (MetaError, OSError, RuntimeError) as e:
@@ -225,6 +226,26 @@ class Workspace:
         if meta.model != self.args.config:
             raise CliError(f"--ckpt {self.args.ckpt} is a '{meta.model}' model, not '{self.args.config}'")
         return meta
+
+    def _import_nnunet(self) -> None:
+        """--ckpt naming an nnU-Net v2 results folder or export zip: serve a unet_seg model file made from it."""
+        from .checkpoints import is_nnunet_source
+
+        if not is_nnunet_source(self.args.ckpt):
+            return
+        from .configs import load_config_class
+        from .nnunetv2 import NnUNetImportError, checkpoint_from_source
+
+        cls = load_config_class(self.args.config)
+        if not getattr(cls, "nnunet_sources", False):
+            raise CliError(f"--ckpt {self.args.ckpt}: nnU-Net models are served by --config nnunet or nnunet2d")
+        out = os.path.join(self.model_dir, "nnunet_imports")
+        try:
+            self.args.ckpt = checkpoint_from_source(
+                self.args.ckpt, self.args.config, cls.dims, parse_conf(self.args.conf), out
+            )
+        except NnUNetImportError as e:
+            raise CliError(f"--ckpt {self.args.ckpt}: {e}") from e
 
     def infer_task(self) -> Any:
         """The config's inferer; with --ckpt it serves that file instead of the store's serving version."""

@@ -68,11 +68,16 @@ def sliding_window(
     blend: str,
     sigma_scale: float,
     sw_batch_size: int = 1,
+    starts: Callable[[int, int, float], list[int]] | None = None,
+    weights: Callable[[tuple[int, ...], str, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Blended logits ``(B, K, *spatial)`` in float32 of ``predictor`` over windows of ``image`` ``(B, C, *spatial)``.
 
     Axes shorter than the window are zero-padded (half before, the rest after) and cropped back.
+    ``starts`` and ``weights`` replace :func:`window_starts` and :func:`importance_map` (another
+    tool's window layout, e.g. nnU-Net's for models imported from it).
     """
+    starts_of, weight_of = starts or window_starts, weights or importance_map
     roi = tuple(int(r) for r in roi_size)
     shape = image.shape[2:]
     pads = [max(r - s, 0) for r, s in zip(roi, shape, strict=True)]
@@ -80,7 +85,7 @@ def sliding_window(
         flat = [p for d in reversed(range(len(roi))) for p in (pads[d] // 2, pads[d] - pads[d] // 2)]
         image = torch.nn.functional.pad(image, flat)
     size = image.shape[2:]
-    starts = list(itertools.product(*(window_starts(n, r, overlap) for n, r in zip(size, roi, strict=True))))
+    starts = list(itertools.product(*(starts_of(n, r, overlap) for n, r in zip(size, roi, strict=True))))
     windows = [
         (b, tuple(slice(s, s + r) for s, r in zip(st, roi, strict=True)))
         for b in range(image.shape[0])
@@ -91,7 +96,7 @@ def sliding_window(
             [_logits(predictor(image[i : i + sw_batch_size])) for i in range(0, image.shape[0], sw_batch_size)]
         )
     else:
-        weight = importance_map(roi, blend, float(sigma_scale)).to(image.device)
+        weight = weight_of(roi, blend, float(sigma_scale)).to(image.device)
         out = None
         count = torch.zeros((1, 1, *size), device=image.device)
         for st in starts:
@@ -131,11 +136,14 @@ def predict_probabilities(
     amp: AmpPolicy | None = None,
     device: torch.device | None = None,
     mc_dropout: bool = False,
+    starts: Callable[[int, int, float], list[int]] | None = None,
+    weights: Callable[[tuple[int, ...], str, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities of ``net`` over ``image`` by Gaussian-blended sliding windows (+ flip TTA).
 
     ``mc_dropout`` keeps the dropout layers sampling (everything else, normalisation included, in
-    eval mode): one call is then one Monte-Carlo dropout sample.
+    eval mode): one call is then one Monte-Carlo dropout sample. ``starts`` / ``weights``: see
+    :func:`sliding_window`.
     """
     if image.ndim != len(roi_size) + 2:
         raise ValueError(
@@ -162,7 +170,7 @@ def predict_probabilities(
         for axes in flips:
             x = torch.flip(image, axes) if axes else image
             with ctx():  # type: ignore[attr-defined]
-                logits = sliding_window(net, x, roi_size, overlap, blend, sigma_scale, sw_batch_size)
+                logits = sliding_window(net, x, roi_size, overlap, blend, sigma_scale, sw_batch_size, starts, weights)
             probs = torch.softmax(logits, dim=1)
             if axes:
                 probs = torch.flip(probs, axes)

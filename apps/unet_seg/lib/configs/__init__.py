@@ -11,7 +11,7 @@ from typing import Any
 
 from monailabel.interfaces.config import TaskConfig
 
-from ..checkpoints import CheckpointMeta, MetaError
+from ..checkpoints import CheckpointMeta, MetaError, is_nnunet_source
 from ..conf import AppConf, ConfError
 from ..modelstore import ModelStore
 from ..recipes import CONFIG_NAMES, LIFECYCLE  # noqa: F401  (CONFIG_NAMES re-exported)
@@ -31,17 +31,24 @@ def load_config_class(name: str) -> type[TaskConfig]:
 
 
 def lifecycle(
-    conf: dict[str, str], name: str, model_dir: str, pretrained: str | None
+    conf: dict[str, str], name: str, model_dir: str, pretrained: str | None, nnunet_sources: bool = False
 ) -> tuple[ModelStore, dict[str, Any]]:
     """The model's store (legacy files and the ``pretrained`` file imported) and the trainer's promotion settings.
 
     Conf keys (plain or ``<model>.``-prefixed): ``keep_versions`` (5), ``promotion``
-    (gate / always / never; default gate) and ``promotion_margin`` (0.01).
+    (gate / always / never; default gate) and ``promotion_margin`` (0.01). A ``pretrained``
+    folder or zip is an nnU-Net model: left to configs that import those (``nnunet_sources``).
     """
     c = AppConf(conf)
     store = ModelStore(model_dir, name, keep=c.int("keep_versions", LIFECYCLE.keep_versions, model=name, minimum=1))
     store.import_legacy()
-    if pretrained and os.path.exists(pretrained) and store.serving() is None:
+    if pretrained and is_nnunet_source(pretrained):
+        if not nnunet_sources:
+            raise ConfError(
+                f"{name}.pretrained {os.path.basename(pretrained)}: a folder or zip (an nnU-Net model?) is served by "
+                "the nnunet and nnunet2d configs only; give this model a unet_seg model file"
+            )
+    elif pretrained and os.path.exists(pretrained) and store.serving() is None:
         try:
             store.import_file(pretrained, source="imported", serve=True)
         except (MetaError, OSError, RuntimeError) as e:
@@ -67,6 +74,8 @@ class SegConfig(TaskConfig):
 
     #: spatial dimensions of the network (2D models also take volumes, slice by slice)
     dims = 3
+    #: whether ``pretrained`` may name an nnU-Net results folder or export zip (the config imports it)
+    nnunet_sources = False
 
     def init_shared(self, conf: dict[str, str], name: str, model_dir: str, recipe: Any) -> None:
         """Read the shared keys (defaults from the model's recipe) and open the model's store."""
@@ -79,7 +88,7 @@ class SegConfig(TaskConfig):
             )
         self.tracking = c.str("tracking", recipe.tracking, model=name)
         self.cache_mb = c.int("cache_mb", recipe.cache_mb, model=name, minimum=0)
-        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained)
+        self.store, self.promotion = lifecycle(conf, name, model_dir, self.pretrained, self.nnunet_sources)
 
     def _common(self) -> dict[str, Any]:
         """Constructor arguments the model's inferer and trainer share."""

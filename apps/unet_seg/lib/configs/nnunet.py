@@ -11,7 +11,11 @@ Conf keys (plain or prefixed ``nnunet.``):
 * ``max_epochs``, ``iterations_per_epoch``   override the schedule
 * ``base_filters``, ``max_filters``, ``max_patch_voxels``   shrink the planned network (tests, CPU previews)
 * ``dropout``                  dropout rate in every conv block (default ``0``, as nnU-Net; MC dropout uses it)
-* ``pretrained``               a local checkpoint served until the model is trained here
+* ``pretrained``               a local checkpoint served until the model is trained here, or an nnU-Net v2
+                               results folder / export zip (``lib/nnunetv2.py``): imported as a version that
+                               serves; its labels and channels become this model's defaults
+* ``configuration``, ``folds``, ``checkpoint``   which nnU-Net model of that folder: configuration (when it
+                               holds several), folds (default: all trained), ``final`` (default) or ``best``
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from ..conf import AppConf, ConfError, parse_modalities
 from ..infers.nnunet import NnUNetInfer
+from ..nnunetv2 import open_pretrained, serve_pretrained
 from ..recipes import NNUNET, NnUNetRecipe
 from ..trainers.nnunet import NnUNetTrain, planner_settings
 from . import SegConfig
@@ -30,13 +35,18 @@ class NnUNet(SegConfig):
 
     recipe: NnUNetRecipe = NNUNET
     dims = NNUNET.dims
+    nnunet_sources = True
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         c, r = AppConf(conf), self.recipe
-        self.labels = c.labels(r.labels, model=name)
-        self.modalities = parse_modalities(c.get("modalities", r.modalities, model=name))
-        kinds = [k.strip().upper() for k in c.str("modality", r.modality, model=name).split(",") if k.strip()]
+        imported, self.import_error = open_pretrained(conf, name, self.dims)
+        self.labels = c.labels(imported.labels if imported else r.labels, model=name)
+        self.modalities = parse_modalities(
+            c.get("modalities", ",".join(imported.channel_names) if imported else r.modalities, model=name)
+        )
+        default_kinds = ",".join(imported.modality_kinds) if imported else r.modality
+        kinds = [k.strip().upper() for k in c.str("modality", default_kinds, model=name).split(",") if k.strip()]
         if len(kinds) == 1:
             kinds = kinds * len(self.modalities)
         if len(kinds) != len(self.modalities) or any(k not in ("CT", "MRI", "MR", "OTHER") for k in kinds):
@@ -60,6 +70,8 @@ class NnUNet(SegConfig):
             dims=self.dims,
         )
         self.init_shared(conf, name, model_dir, r)
+        if imported is not None:
+            self.import_error = serve_pretrained(self.store, imported, name)
 
     def _common(self) -> dict[str, Any]:
         return {**super()._common(), "dims": self.dims}
@@ -69,6 +81,7 @@ class NnUNet(SegConfig):
             in_channels=len(self.modalities),
             roi_size=[0] * self.dims,
             description=f"nnU-Net {self.dims}D (self-configuring) for {', '.join(self.labels)}",
+            import_error=self.import_error,
             **self._common(),
         )
 

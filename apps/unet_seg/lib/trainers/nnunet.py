@@ -10,6 +10,8 @@
 * Patches: 1/3 centred on foreground (nnU-Net's 33 % oversampling), the rest elsewhere;
   nnU-Net's augmentations (``lib.transforms.nnunet_augmentation``).
 * 2D: the plan's in-plane patch, trained on slices along the plan's ``slice_axis``.
+* A serving version imported from nnU-Net v2 (``lib/nnunetv2.py``) is fine-tuned with its own
+  plan, network and nnU-Net pre-processing (request ``pretrained: false`` plans afresh instead).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from monai.transforms import EnsureTyped, RandCropByPosNegLabeld, SpatialPadd, S
 from monailabel.tasks.train.basic_train import Context
 
 from ..conf import parse_bool, parse_float, parse_int
-from ..networks import DynUNetSpec, build_dynunet
+from ..networks import DynUNetSpec
+from ..nnunetv2 import AnyDynUNetSpec, NnUNetV2Spec, fine_tune_start, preprocess_chain
 from ..planning import (
     DEFAULT_SETTINGS,
     Plan,
@@ -80,7 +83,7 @@ def planner_settings(
 class NnUNetTrain(SegTrainTask):
     """Self-configuring nnU-Net training (see module docstring)."""
 
-    spec_class = DynUNetSpec
+    spec_class = AnyDynUNetSpec
 
     search_postprocessing = True
 
@@ -160,7 +163,13 @@ class NnUNetTrain(SegTrainTask):
 
     def pre_process(self, request: dict, datastore: Any) -> list[dict]:
         datalist = super().pre_process(request, datastore)
-        request["_plan"] = self.make_plan(datalist, parse_bool(request.get("replan", RECIPE.replan), "replan"))
+        start = fine_tune_start(self.store, parse_bool(request.get("pretrained", True), "pretrained"))
+        if start is not None:  # an imported nnU-Net model: its plan, network and pre-processing
+            request["_imported"] = {"plan": start.plan, "spec": start.spec}
+            request["_plan"] = Plan.from_dict(start.plan or {})
+            logger.info(f"fine-tuning the nnU-Net model imported as {start.version} with its own plan")
+        else:
+            request["_plan"] = self.make_plan(datalist, parse_bool(request.get("replan", RECIPE.replan), "replan"))
         return datalist
 
     @staticmethod
@@ -175,7 +184,10 @@ class NnUNetTrain(SegTrainTask):
         return self._plan(context).slice_axis if self.dims == 2 else None
 
     def spec(self, context: Context) -> DynUNetSpec:
-        """DynUNet spec from the plan (deep supervision on every stage but the two lowest)."""
+        """DynUNet spec from the plan (deep supervision on every stage but the two lowest), or the imported model's."""
+        imported = context.request.get("_imported")
+        if imported:
+            return NnUNetV2Spec.from_dict({**imported["spec"], "dropout": self.dropout})
         plan = self._plan(context)
         strides = [list(s) for s in plan.strides]
         return DynUNetSpec(
@@ -194,11 +206,12 @@ class NnUNetTrain(SegTrainTask):
         return self.spec(context).to_dict()
 
     def extra_meta(self, context: Context) -> dict[str, Any]:
-        plan = self._plan(context).to_dict(fingerprint_summary=False)
+        imported = context.request.get("_imported")
+        plan = dict(imported["plan"]) if imported else self._plan(context).to_dict(fingerprint_summary=False)
         return {"plan": plan, "modalities": self.modality_names}
 
     def network(self, context: Context) -> torch.nn.Module:
-        return build_dynunet(self.spec(context))
+        return self.spec(context).build()
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
         lr = parse_float(context.request.get("learning_rate", RECIPE.learning_rate), "learning_rate")
@@ -218,6 +231,11 @@ class NnUNetTrain(SegTrainTask):
         return DeepSupervisionLoss(dice_ce, heads=1 + self.spec(context).deep_supr_num)
 
     def _preprocess(self, context: Context, keys: list[str]) -> list:
+        imported = context.request.get("_imported")
+        if imported:
+            return preprocess_chain(
+                keys, imported["plan"], self.in_channels, self.modality_names, list(self.labels.values())
+            )
         plan = self._plan(context)
         return [
             *load_chain(keys, self.in_channels, 3, list(self.labels.values()), None, self.modality_names),
