@@ -92,3 +92,52 @@ def test_a_corrupt_volume_is_reported_and_the_others_are_written(ray_head: str, 
     assert sorted(p.name for p in (tmp_path / "ray" / "predictions").glob("*.nii.gz")) == sorted(
         f"{n}.nii.gz" for n in NAMES[:2]
     )
+
+
+def test_preannotation_hands_its_images_to_ray(ray_head: str, tmp_path: Path) -> None:
+    """``--conf preannotation_ray ADDRESS``: POST /batch/infer runs on the Ray workers; the stored predictions
+    are the server's own /infer labels; options the fast path cannot honour are refused up front."""
+    import gzip
+    import shutil
+    import time
+
+    import requests
+
+    from conftest import running_server
+    from lib.serverproc import sample_conf
+
+    studies = tmp_path / "studies"
+    shutil.copytree(ROOT / "sample" / "studies", studies)
+    conf = sample_conf(model_dir=str(tmp_path / "model"), preannotation_ray=ray_head)
+    with running_server(studies, conf, tmp_path / "server.log") as srv:
+        bad = requests.post(f"{srv.url}/batch/infer/unet3d", json={"roi_size": [40, 56, 40]}, timeout=60)
+        assert bad.status_code == 422 and "roi_size" in bad.json()["detail"], bad.text[:300]
+        r = requests.post(f"{srv.url}/batch/infer/unet3d", params={"images": "unlabeled"}, json={"tta": True})
+        assert r.status_code == 200 and r.json()["total"] == 2, r.text[:300]
+        end = time.time() + 600
+        while (status := requests.get(f"{srv.url}/batch/infer/", timeout=30).json())["status"] == "RUNNING":
+            assert time.time() < end, status
+            time.sleep(1)
+        assert status["status"] == "DONE" and status["done"] == 2 and status["failed"] == 0, status
+        for image in ("hippocampus_015", "hippocampus_020"):
+            stored = requests.get(f"{srv.url}/datastore/label", params={"label": image, "tag": "prediction"})
+            assert stored.status_code == 200
+            ours = nib.Nifti1Image.from_bytes(gzip.decompress(stored.content))
+            direct = requests.post(
+                f"{srv.url}/infer/unet3d",
+                params={"image": image, "output": "image"},
+                data={"params": '{"tta": true}'},
+                timeout=300,
+            )
+            assert direct.status_code == 200, direct.text[:300]
+            theirs = nib.Nifti1Image.from_bytes(gzip.decompress(direct.content))
+            a, b = np.asanyarray(ours.dataobj), np.asanyarray(theirs.dataobj)
+            assert a.shape == b.shape and np.allclose(ours.affine, theirs.affine, atol=1e-5)
+            for v in (1, 2):  # one Ray worker thread against the server's two: bf16 sums may round apart
+                dice = 2 * ((a == v) & (b == v)).sum() / max((a == v).sum() + (b == v).sum(), 1)
+                assert dice > 0.99, (image, v, dice)
+        again = requests.post(f"{srv.url}/batch/infer/unet3d", params={"images": "unlabeled"}, json={"tta": True})
+        assert again.status_code == 200
+        while (status := requests.get(f"{srv.url}/batch/infer/", timeout=30).json())["status"] == "RUNNING":
+            time.sleep(1)
+        assert status["skipped"] == 2 and status["done"] == 0, status  # made by the serving version already

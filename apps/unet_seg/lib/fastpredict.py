@@ -205,3 +205,17 @@ def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapp
         if os.path.exists(tmp):
             os.remove(tmp)
     return out_path
+
+
+class FileSegmenter:
+    """``case -> written label path`` on the fast path, built where it runs (a Ray worker) from what pickles:
+    the model file, its config and labels, the /infer options and the output folder."""
+
+    def __init__(self, config: str, path: str, labels: Mapping[str, int], request: Mapping[str, Any], out_dir: str):
+        self.model = load_fast_model(config, path, labels, resolve_device(request.get("device")))
+        self.request = dict(request)
+        self.out_dir = out_dir
+
+    def __call__(self, case: Any) -> str:
+        ext = ".nii.gz" if str(case.image).lower().endswith(".nii.gz") else ".nii"
+        return predict_file(self.model, case.image, os.path.join(self.out_dir, f"{case.name}{ext}"), self.request)

@@ -11,25 +11,42 @@ version) unless the request says ``"force": true``. ``GET /batch/infer/`` report
 failed, skipped, images per minute) and ``DELETE /batch/infer/`` stops the job after the image
 being segmented. "Next study" then opens the stored prediction when its version is the one
 serving (``UNetSegApp.next_sample`` says so).
+
+With ``--conf preannotation_ray ADDRESS`` (``auto`` or ``host:port`` of a Ray head) the job hands
+its images to the same Ray executor as ``main.py predict --ray`` (``lib.cohort``) instead of the
+server's own inference workers: one loaded model per Ray worker, the fast predict path
+(``lib.fastpredict``, so unet3d and the 3-D nnunet with one channel), in chunks of
+``RAY_CHUNK`` images so that progress is reported and a stop takes effect between chunks; a
+worker lost mid-image is replaced and the image retried. The images must be files every Ray
+node can read (one machine, or a shared file system).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from fastapi import HTTPException
 
+from ..datasets import Case
 from .executor import BoundedExecutor, QueueFull
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_TAG = "prediction"
 IMAGE_SETS = ("unlabeled", "all", "labeled")
+RAY_CHUNK = 32
+# /infer options the fast path honours on Ray workers (and keys viewers send along, which change nothing)
+RAY_PARAMS = {"tta", "overlap", "blend", "amp", "device", "label_info", "largest_cc", "restore_label_idx", "client_id"}
+APP_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class PreAnnotation:
@@ -42,6 +59,8 @@ class PreAnnotation:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state: dict[str, Any] = {}
+        conf = getattr(app, "app_conf", None)
+        self.ray_address: str | None = str(conf.get("preannotation_ray", "") if conf else "").strip() or None
 
     # ---- requests ---------------------------------------------------------------------------
     def start(
@@ -61,6 +80,8 @@ class PreAnnotation:
             todo = sorted(datastore.get_labeled_images())
         else:
             todo = sorted(datastore.list_images())
+        if self.ray_address:
+            self._ray_model(model, params)  # 422 now, not a failed job later
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise HTTPException(
@@ -121,9 +142,83 @@ class PreAnnotation:
         serving = self.app.model_store(model).serving()
         return serving.id if serving else None
 
+    def _ray_model(self, model: str, params: dict[str, Any]) -> tuple[str, dict[str, int], dict[str, Any]]:
+        """(served model file, labels, request) for Ray workers; 422 naming what the fast path cannot do."""
+        from ..fastpredict import Unsupported, load_fast_model
+
+        extra = sorted(set(params) - RAY_PARAMS)
+        if extra:
+            raise HTTPException(
+                status_code=422,
+                detail=f"pre-annotation on Ray takes {', '.join(sorted(RAY_PARAMS - {'label_info', 'client_id'}))}; "
+                f"not {', '.join(extra)}",
+            )
+        task = self.app._infers[model]
+        store = self.app.model_store(model)
+        rec = store.serving()
+        if rec is None:
+            raise HTTPException(status_code=409, detail=f"model '{model}' has no serving version")
+        path = store.path(rec.id)
+        labels = dict(task.labels)
+        request = {**dict(getattr(task, "_config", {}) or {}), **params}
+        try:
+            load_fast_model(model, path, labels, torch.device("cpu"))
+        except Unsupported as e:
+            raise HTTPException(
+                status_code=422,
+                detail=f"pre-annotation on Ray serves unet3d and 3-D nnunet models with one channel ({e}); "
+                "start the server without preannotation_ray to pre-annotate with this model",
+            ) from e
+        return path, labels, request
+
+    def _run_on_ray(self, model: str, todo: list[str], params: dict[str, Any], force: bool) -> str:
+        """The job on the Ray cluster, ``RAY_CHUNK`` images at a time; returns the job's final status."""
+        from ..cohort import predict_cohort
+        from ..fastpredict import FileSegmenter
+
+        datastore = self.app.datastore()
+        version = self._serving_version(model)
+        path, labels, request = self._ray_model(model, params)
+        cases = []
+        for image_id in todo:
+            stored = datastore.get_label_info(image_id, PREDICTION_TAG) or {}
+            if not force and version and stored.get("model") == model and stored.get("model_version") == version:
+                self._update(skipped=1)
+                continue
+            uri = datastore.get_image_uri(image_id)
+            if not isinstance(uri, str) or not os.path.isfile(uri):
+                self._update(failed=1, error={"image": image_id, "error": "not a file the Ray workers can read"})
+                continue
+            cases.append(Case(image_id, uri))
+        out_dir = tempfile.mkdtemp(prefix="preannotate-ray-")
+        try:
+            for i in range(0, len(cases), RAY_CHUNK):
+                if self._stop.is_set():
+                    return "STOPPED"
+                chunk = cases[i : i + RAY_CHUNK]
+                self._update(current=chunk[0].name)
+                factory = functools.partial(FileSegmenter, model, path, labels, request, out_dir)
+                report = predict_cohort(chunk, out_dir, factory, address=self.ray_address or "", app_dir=APP_DIR)
+                by_name = {os.path.basename(p).split(".nii")[0]: p for p in report["written"]}
+                for case in chunk:
+                    if case.name in by_name:
+                        info = {"model": model, "model_version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        datastore.save_label(case.name, by_name[case.name], PREDICTION_TAG, info)
+                        os.remove(by_name[case.name])
+                        self._update(done=1)
+                    else:
+                        why = report["failed"].get(case.name, "no label came back")
+                        self._update(failed=1, error={"image": case.name, "error": str(why)[:300]})
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return "DONE"
+
     def _run(self, model: str, todo: list[str], params: dict[str, Any], force: bool) -> None:
         status = "DONE"
         try:
+            if self.ray_address:
+                status = self._run_on_ray(model, todo, params, force)
+                todo = []
             for image_id in todo:
                 if self._stop.is_set():
                     status = "STOPPED"
