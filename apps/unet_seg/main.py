@@ -39,6 +39,7 @@ from lib.datastore import UploadRules, ValidatingDatastore
 from lib.dicomweb import dicomweb_datastore
 from lib.infers.base import ModelNotReady
 from lib.modelstore import ModelStore
+from lib.runtime import keep_freed_memory
 from lib.serving.limits import BodyGuard, Limits
 from lib.serving.models import ModelRoutes
 from lib.serving.preannotate import PREDICTION_TAG
@@ -57,6 +58,7 @@ class UNetSegApp(MONAILabelApp):
         self.model_dir = os.path.abspath(self.app_conf.str("model_dir", os.path.join(app_dir, "model")))
         os.makedirs(self.model_dir, exist_ok=True)
         self.limits = Limits.from_conf(self.app_conf)
+        keep_freed_memory()  # the server infers: no page faults per call (lib.runtime)
         self.model_names = parse_names(self.app_conf.get("models", "all"), CONFIG_NAMES, "models")
         self.models = {}
         for name in self.model_names:

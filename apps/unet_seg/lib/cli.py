@@ -708,6 +708,10 @@ def run(argv: list[str] | None = None) -> int:
     if mode != "models" and (args.action or args.version):
         parser.error(f"unexpected argument {args.action!r} after mode {mode!r}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)5s](%(name)s) - %(message)s")
+    if mode in ("predict", "evaluate", "benchmark"):
+        from .runtime import keep_freed_memory
+
+        keep_freed_memory()  # inference: no page faults per call (see the function)
     try:
         ws = Workspace(args)
         HANDLERS[mode](ws)

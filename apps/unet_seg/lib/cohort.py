@@ -40,6 +40,9 @@ class Segmenter:
     def __init__(self, factory: Callable[[], Callable[[Any], str]], threads: int) -> None:
         import torch
 
+        from .runtime import keep_freed_memory
+
+        keep_freed_memory()
         torch.set_num_threads(max(1, threads))
         self.predict_one = factory()
 
