@@ -71,11 +71,7 @@ def load_fast_model(config: str, path: str, labels: Mapping[str, int], device: t
         raise Unsupported(f"{os.path.basename(path)} is a {meta.model} model")
     if meta.spatial_dims != 3 or meta.slice_axis is not None or meta.in_channels != 1:
         raise Unsupported("only one-channel 3-D networks have a fast path")
-    if (
-        labels is None
-        or dict(meta.labels) != dict(labels)
-        or sorted(labels.values()) != list(range(1, len(labels) + 1))
-    ):
+    if dict(meta.labels) != dict(labels) or sorted(labels.values()) != list(range(1, len(labels) + 1)):
         raise Unsupported("the configured labels are not the model's")
     if not LeanDynUNet.supports(meta.spec):
         raise Unsupported("not a plain DynUNet")
