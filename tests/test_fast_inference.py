@@ -16,8 +16,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.transforms import KeepLargestConnectedComponent
 
+import lib.inference as inference_module
 from conftest import HIPPO, ROOT
-from lib.inference import largest_component, predict_probabilities, sliding_window
+from lib.inference import flip_combinations, flip_groups, largest_component, predict_probabilities, sliding_window
 from lib.leannet import LeanDynUNet
 from lib.networks import DynUNetSpec, UNet3DSpec
 from lib.runtime import AmpPolicy
@@ -87,6 +88,36 @@ def test_sliding_window_equals_monai(shape: tuple, roi: tuple, overlap: float, b
         out = sliding_window(conv, x, roi, overlap, blend, 0.125, batch)
     assert out.shape == ref.shape
     assert torch.allclose(out, torch.as_tensor(ref), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,roi", [((1, 1, 30, 40, 20), (16, 16, 16)), ((1, 2, 50, 70), (32, 32))])
+def test_batched_flips_equal_monai_flip_by_flip(shape: tuple, roi: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TTA with the flips stacked into one batch is MONAI's window-by-window TTA, flip by flip, at any grouping."""
+    torch.manual_seed(2)
+    conv = (torch.nn.Conv3d if len(roi) == 3 else torch.nn.Conv2d)(shape[1], 3, 3, padding=1)
+    x = torch.randn(*shape)
+    flips = flip_combinations(len(roi))
+    with torch.no_grad():
+        ref = sum(
+            torch.flip(torch.softmax(sliding_window_inference(torch.flip(x, f), roi, 1, conv, 0.5, "gaussian"), 1), f)
+            for f in flips
+        ) / len(flips)
+        batched = predict_probabilities(conv, x, roi, tta=True)
+        monkeypatch.setattr(inference_module, "FLIP_BATCH_VOXELS", 2 * int(np.prod(roi)))  # pairs of flips
+        pairs = predict_probabilities(conv, x, roi, tta=True)
+        monkeypatch.setattr(inference_module, "FLIP_BATCH_VOXELS", 0)  # one flip at a time
+        single = predict_probabilities(conv, x, roi, tta=True)
+    for out in (batched, pairs, single):
+        assert torch.allclose(out, torch.as_tensor(ref), atol=1e-5)
+
+
+def test_flip_groups_fit_the_budgets() -> None:
+    assert flip_groups(8, 40 * 56 * 40, 4 * 35 * 50 * 35) == 8  # a hippocampus window: all flips in one batch
+    assert flip_groups(8, 40 * 56 * 40, 4 * 35 * 50 * 35, sw_batch_size=4) == 2
+    assert flip_groups(8, 128**3, 8 * 240 * 240 * 155) == 1  # a BraTS window: one flip at a time
+    assert flip_groups(4, 256 * 256, 3 * 512 * 512) == 4  # 2D
+    assert flip_groups(8, 64**3, 300_000_000) == 1  # eight copies of a huge volume would not fit the memory budget
+    assert flip_groups(1, 16, 16) == 1
 
 
 def test_largest_component_equals_monai() -> None:
