@@ -280,3 +280,28 @@ def test_cli_fast_path_equals_the_app_nnunet(data: Path, tmp_path: Path) -> None
         if engine == "auto":
             assert "spacing15" in r.stderr and "through the app's inferer" in r.stderr, r.stderr[-3000:]
     _same_predictions(tmp_path / "auto", tmp_path / "app")
+
+
+def test_predict_files_overlaps_io_and_keeps_order(tmp_path: Path) -> None:
+    """The pipelined file loop writes what predict_file writes, in job order, and hands back files it cannot take."""
+    from lib.conf import parse_labels
+    from lib.fastpredict import Unsupported, load_fast_model, predict_file, predict_files
+    from lib.recipes import RECIPES
+
+    model = load_fast_model("unet3d", str(SAMPLE_MODEL), parse_labels(RECIPES["unet3d"].labels), torch.device("cpu"))
+    images = [str(HIPPO / "imagesTr" / f"hippocampus_{i}.nii.gz") for i in ("001", "003")]
+    (tmp_path / "notes.txt").write_text("not an image")
+    jobs = [
+        (images[0], str(tmp_path / "a.nii.gz")),
+        (str(tmp_path / "notes.txt"), str(tmp_path / "b.nii.gz")),
+        (images[1], str(tmp_path / "c.nii.gz")),
+    ]
+    request = {"tta": True, "amp": False}
+    out = list(predict_files(model, jobs, request))
+    assert [i for i, _ in out] == [0, 1, 2]
+    assert out[0][1] == jobs[0][1] and out[2][1] == jobs[2][1]
+    assert isinstance(out[1][1], Unsupported) and "NIfTI" in str(out[1][1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "c.nii.gz", "notes.txt"]  # no .part left
+    for image, (_, path) in zip(images, (jobs[0], jobs[2]), strict=True):
+        ref = predict_file(model, image, str(tmp_path / "ref.nii.gz"), request)
+        assert np.array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(ref).dataobj))

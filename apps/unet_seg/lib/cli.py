@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -496,19 +496,40 @@ def _fast_model(ws: Workspace) -> Any:
         return None  # the app says what is wrong with the conf
 
 
+def _fast_output(case: Case, out_dir: str) -> str:
+    """Where the fast path writes ``case``'s label: ``<out_dir>/<name>`` with the image's NIfTI extension."""
+    image = str(case.image)
+    ext = ".nii.gz" if image.lower().endswith(".nii.gz") else os.path.splitext(image)[1]
+    return os.path.join(out_dir, f"{case.name}{ext}")
+
+
 def _predict_fast_or_app(ws: Workspace, fast: Any, case: Case, out_dir: str) -> str:
     """One case on the fast path where it applies, else through the app's inferer."""
     from .fastpredict import Unsupported, predict_file
 
     if fast is not None and isinstance(case.image, str):
-        ext = ".nii.gz" if case.image.lower().endswith(".nii.gz") else os.path.splitext(case.image)[1]
         try:
-            return predict_file(
-                fast, case.image, os.path.join(out_dir, f"{case.name}{ext}"), infer_request(ws.args, None)
-            )
+            return predict_file(fast, case.image, _fast_output(case, out_dir), infer_request(ws.args, None))
         except Unsupported as e:
             logger.info(f"predict: {case.name} through the app's inferer ({e})")
     return _predict_one(ws, case, out_dir)
+
+
+def _predicted(ws: Workspace, fast: Any, cases: list[Case], out_dir: str) -> Iterator[tuple[Case, str]]:
+    """``(case, written label)`` in order. Single NIfTI files go the fast path, the next file read and the last
+    label written while the network runs; other cases, and files the fast path cannot take, the app's inferer."""
+    from .fastpredict import Unsupported, predict_files
+
+    on_fast = [c for c in cases if fast is not None and isinstance(c.image, str)]
+    jobs = [(str(c.image), _fast_output(c, out_dir)) for c in on_fast]
+    results = predict_files(fast, jobs, infer_request(ws.args, None)) if on_fast else iter(())
+    fast_ids = {id(c) for c in on_fast}
+    for case in cases:
+        result: str | Exception = next(results)[1] if id(case) in fast_ids else _predict_one(ws, case, out_dir)
+        if isinstance(result, Unsupported):
+            logger.info(f"predict: {case.name} through the app's inferer ({result})")
+            result = _predict_one(ws, case, out_dir)
+        yield case, str(result)
 
 
 def mode_predict(ws: Workspace) -> dict:
@@ -527,18 +548,22 @@ def mode_predict(ws: Workspace) -> dict:
     task = None if fast is not None else _require_model(ws)
     written = []
     predict_s = 0.0
-    for i, case in enumerate(tqdm(cases, desc="predict", unit="image")):
-        t = time.perf_counter()
-        written.append(_predict_fast_or_app(ws, fast, case, out_dir))
-        predict_s += time.perf_counter() - t
+    t = time.perf_counter()
+    for i, (case, path) in enumerate(
+        tqdm(_predicted(ws, fast, cases, out_dir), total=len(cases), desc="predict", unit="image")
+    ):
+        written.append(path)
         if i == 0:
+            predict_s += time.perf_counter() - t
             written.append(_overlay(ws, case, written[-1], dict(fast.meta.labels) if fast is not None else None))
+            t = time.perf_counter()
         if task is not None and ws.args.save_probs:
             written.append(
                 task.save_probabilities(
                     case.image, os.path.join(out_dir, f"{case.name}_probs.nii.gz"), infer_request(ws.args, case.image)
                 )
             )
+    predict_s += time.perf_counter() - t
     print(f"{len(cases)} prediction(s) in {out_dir}")
     print(f"PREDICT_S {predict_s:.3f} (inference and writing; model loading included in the first)")
     return {"predictions": written, "predict_s": round(predict_s, 3)}

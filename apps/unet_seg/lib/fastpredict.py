@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,11 +158,10 @@ def prepare(model: FastModel, image_path: str) -> Prepared:
     return Prepared(image, original, tuple(data.shape), box, back)
 
 
-def restore(model: FastModel, prepared: Prepared, probs: torch.Tensor) -> np.ndarray:
-    """The label (uint8, the file's voxel grid) of probabilities ``(K, ...)`` on a prepared volume, post-processed."""
+def _restore_label(model: FastModel, prepared: Prepared, label: torch.Tensor) -> np.ndarray:
+    """The label in the file's voxel grid (uint8): the plan's largest components, the inverse crop and orientation."""
     import nibabel as nib
 
-    label = torch.argmax(probs, dim=0).to(torch.uint8)
     keep = list((model.meta.postprocessing or {}).get("largest_component", []))
     label = largest_component(label, [model.meta.labels[n] for n in keep if n in model.meta.labels])
     full = np.zeros(prepared.shape, dtype=np.uint8)
@@ -172,14 +171,8 @@ def restore(model: FastModel, prepared: Prepared, probs: torch.Tensor) -> np.nda
     return full
 
 
-def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapping[str, Any]) -> str:
-    """Segment one NIfTI file into ``out_path`` (written under a temporary name, then renamed); returns it.
-
-    ``request`` holds the inference options of an /infer request: tta, overlap, blend, amp, device.
-    """
-    import nibabel as nib
-
-    prepared = prepare(model, image_path)
+def _label(model: FastModel, prepared: Prepared, request: Mapping[str, Any]) -> torch.Tensor:
+    """The network's argmax label ``(*spatial)`` (uint8) on a prepared volume, with the request's options."""
     device = resolve_device(request.get("device"))
     probs = predict_volume(
         model.net,
@@ -191,7 +184,14 @@ def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapp
         amp=resolve_amp(request.get("amp", True), device),
         device=device,
     )
-    full = restore(model, prepared, probs[0])
+    return torch.argmax(probs[0], dim=0).to(torch.uint8)
+
+
+def _write(model: FastModel, prepared: Prepared, label: torch.Tensor, image_path: str, out_path: str) -> str:
+    """Post-process ``label`` and write it to ``out_path`` (under a temporary name, then renamed)."""
+    import nibabel as nib
+
+    full = _restore_label(model, prepared, label)
     ext = ".nii.gz" if image_path.lower().endswith(".nii.gz") else ".nii"
     tmp = out_path + ".part" + ext
     try:
@@ -201,6 +201,53 @@ def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapp
         if os.path.exists(tmp):
             os.remove(tmp)
     return out_path
+
+
+def predict_file(model: FastModel, image_path: str, out_path: str, request: Mapping[str, Any]) -> str:
+    """Segment one NIfTI file into ``out_path`` (written under a temporary name, then renamed); returns it.
+
+    ``request`` holds the inference options of an /infer request: tta, overlap, blend, amp, device.
+    """
+    prepared = prepare(model, image_path)
+    return _write(model, prepared, _label(model, prepared, request), image_path, out_path)
+
+
+def predict_files(
+    model: FastModel, jobs: Sequence[tuple[str, str]], request: Mapping[str, Any]
+) -> Iterator[tuple[int, str | Unsupported]]:
+    """:func:`predict_file` over ``(image_path, out_path)`` jobs, reading the next file and writing the last label
+    on a second thread while the network runs (file I/O, gzip and post-processing overlap the compute).
+
+    Yields ``(job index, written path)`` in job order, or ``(index, Unsupported)`` for a file the app must segment.
+    Any other error stops the run, as :func:`predict_file` would.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def load(i: int) -> Prepared | Unsupported:
+        try:
+            return prepare(model, jobs[i][0])
+        except Unsupported as e:
+            return e
+
+    with ThreadPoolExecutor(1, thread_name_prefix="predict-io") as io:
+        nxt: Future | None = io.submit(load, 0) if jobs else None
+        writing: tuple[int, Future] | None = None
+        for i, (image_path, out_path) in enumerate(jobs):
+            assert nxt is not None
+            prepared = nxt.result()
+            nxt = io.submit(load, i + 1) if i + 1 < len(jobs) else None
+            if isinstance(prepared, Unsupported):
+                if writing is not None:  # keep the order of the yields
+                    yield writing[0], writing[1].result()
+                    writing = None
+                yield i, prepared
+                continue
+            label = _label(model, prepared, request)
+            if writing is not None:
+                yield writing[0], writing[1].result()
+            writing = (i, io.submit(_write, model, prepared, label, image_path, out_path))
+        if writing is not None:
+            yield writing[0], writing[1].result()
 
 
 class FileSegmenter:

@@ -72,7 +72,7 @@ from monai.utils import TraceKeys
 
 from .checkpoints import CheckpointMeta, is_nnunet_source, now_iso, save_checkpoint
 from .conf import AppConf
-from .inference import flip_combinations
+from .inference import flip_combinations, flip_groups
 from .modelstore import ModelStore, VersionRecord
 from .networks import DynUNetSpec, build_dynunet
 from .planning import PLAN_VERSION, PlanningError, normalisation_for, spacing_from_affine
@@ -529,10 +529,15 @@ class MirroredLogits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flips = [c for c in flip_combinations(x.ndim - 2) if all(a - 2 in self.axes for a in c)]
+        group = flip_groups(len(flips), x[0, 0].numel() * x.shape[0], 0)  # mirrors in one batch where they fit
         out = None
-        for axes in flips:
-            y = torch.flip(self.net(torch.flip(x, axes)), axes) if axes else self.net(x)
-            out = y if out is None else out + y
+        for i in range(0, len(flips), group):
+            chunk = flips[i : i + group]
+            ys = self.net(torch.cat([torch.flip(x, axes) if axes else x for axes in chunk]))
+            for j, axes in enumerate(chunk):
+                y = ys[j * x.shape[0] : (j + 1) * x.shape[0]]
+                y = torch.flip(y, axes) if axes else y
+                out = y if out is None else out + y
         assert out is not None
         return out / len(flips)
 
